@@ -1,0 +1,210 @@
+"""LightningDataModule: random FOV-centred training patches, whole images for validation and test."""
+
+import math
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from retinaseg.data.drive import read_drive
+from retinaseg.data.sample import Sample
+from retinaseg.errors import DataError
+from retinaseg.data.synthetic import synthetic_samples
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32, scaled to [0, 1] then standardised per channel."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+
+
+def augmentations(patch_size: int) -> A.Compose:
+    """Flips, 90-degree rotations, a small affine warp and photometric jitter, ending in the centre crop."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(),
+            A.VerticalFlip(),
+            A.RandomRotate90(),
+            A.Affine(scale=(0.9, 1.1), rotate=(-20, 20), shear=(-5, 5), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2),
+            A.RandomGamma(gamma_limit=(80, 120)),
+            A.CenterCrop(patch_size, patch_size),
+        ]
+    )
+
+
+class PatchDataset(Dataset):
+    """Patches of `patch_size` whose centres lie inside the FOV, cut on the fly from images held once.
+
+    Item `k` is drawn from a generator seeded with (seed, k), so a patch depends only on its index:
+    the same in any worker, after a resume, and different in each epoch (the sampler gives each epoch
+    its own range of indices).
+    """
+
+    def __init__(self, samples: list[Sample], patch_size: int, mean, std, augment: bool = True, seed: int = 0, length: int = 1):
+        self.patch_size = patch_size
+        # Augmenting a larger crop and cutting the centre keeps rotation corners free of padding.
+        self.context = math.ceil(patch_size * 1.5) if augment else patch_size
+        self.transform = augmentations(patch_size) if augment else None
+        self.mean, self.std, self.seed, self.length = mean, std, seed, length
+        for s in samples:
+            if min(s.fov.shape) < patch_size:
+                raise DataError(f"data.patch_size={patch_size} is larger than image {s.id} ({s.fov.shape[1]}x{s.fov.shape[0]}).")
+        # Zero padding lets a patch centred near the border be cut without special cases.
+        pad = self.pad = self.context // 2 + 1
+        self.images = [np.pad(s.image, ((pad, pad), (pad, pad), (0, 0))) for s in samples]
+        self.labels = [np.pad(s.label, pad) for s in samples]
+        self.fovs = [np.pad(s.fov.astype(np.uint8), pad) for s in samples]
+        self.centres = [np.flatnonzero(s.fov).astype(np.int64) for s in samples]
+        self.widths = [s.fov.shape[1] for s in samples]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        i = int(rng.integers(len(self.images)))
+        centre = int(self.centres[i][rng.integers(len(self.centres[i]))])
+        row, col = divmod(centre, self.widths[i])
+        top, left = row + self.pad - self.context // 2, col + self.pad - self.context // 2
+        window = (slice(top, top + self.context), slice(left, left + self.context))
+        image, label, fov = self.images[i][window], self.labels[i][window], self.fovs[i][window]
+        if self.transform is not None:
+            self.transform.set_random_seed(int(rng.integers(2**31)))
+            out = self.transform(image=image, masks=[label, fov])
+            image, (label, fov) = out["image"], out["masks"]
+        return {
+            "image": normalize(image, self.mean, self.std),
+            "label": torch.from_numpy(np.ascontiguousarray(label)).float()[None],
+            "fov": torch.from_numpy(np.ascontiguousarray(fov)).bool()[None],
+        }
+
+
+class EpochSampler(Sampler[int]):
+    """Indices `epoch * n ... (epoch + 1) * n - 1`, dealt round-robin to the processes of a DDP run.
+
+    `n` (data.patches_per_epoch) is the total over all processes, so an epoch means the same whatever
+    the number of GPUs. Lightning calls `set_epoch` at the start of every training epoch.
+    """
+
+    def __init__(self, num_patches: int):
+        self.num_patches = num_patches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard(self) -> range:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        start = self.epoch * self.num_patches
+        return range(start + rank, start + self.num_patches, world)
+
+    def __iter__(self):
+        return iter(self._shard())
+
+    def __len__(self) -> int:
+        return len(self._shard())
+
+
+class WholeImageDataset(Dataset):
+    def __init__(self, samples: list[Sample], mean, std):
+        self.samples, self.mean, self.std = samples, mean, std
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        return {
+            "image": normalize(s.image, self.mean, self.std),
+            "label": torch.from_numpy(s.label).float()[None],
+            "fov": torch.from_numpy(s.fov)[None],
+            "id": s.id,
+        }
+
+
+class FundusDataModule(L.LightningDataModule):
+    """DRIVE (`source="drive"`, read from `root`) or procedurally drawn images (`source="synthetic"`).
+
+    The 20 training images are split by image into train and validation (`val_images` of them, chosen
+    by `split_seed`); the official test images are the test split.
+    """
+
+    def __init__(
+        self,
+        source: str = "drive",
+        root: str | None = None,
+        val_images: int = 4,
+        split_seed: int = 0,
+        patch_size: int = 64,
+        patches_per_epoch: int = 4096,
+        batch_size: int = 32,
+        eval_batch_size: int = 1,
+        num_workers: int = 0,
+        augment: bool = True,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+        seed: int = 0,
+        synthetic_images: int = 20,
+        synthetic_size: Sequence[int] = (584, 565),
+    ):
+        super().__init__()
+        if source not in ("drive", "synthetic"):
+            raise ValueError(f"data.source must be 'drive' or 'synthetic', got {source!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("patches_per_epoch", patches_per_epoch), ("patch_size", patch_size)):
+            if value < 1:
+                raise DataError(f"data.{name} must be >= 1, got {value}")
+        if val_images < 1:
+            raise DataError(f"data.val_images must be >= 1, got {val_images}")
+        self.save_hyperparameters()
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+
+    def load_split(self, split: str) -> list[Sample]:
+        hp = self.hparams
+        if hp.source == "synthetic":
+            # Distinct seeds keep the synthetic test images apart from the training ones.
+            seed = hp.seed if split == "training" else hp.seed + 1_000_003
+            return synthetic_samples(hp.synthetic_images, seed=seed, height=hp.synthetic_size[0], width=hp.synthetic_size[1])
+        return read_drive(hp.root, split)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit", "validate") and not self.train_samples:
+            samples = self.load_split("training")
+            if hp.val_images >= len(samples):
+                raise DataError(f"data.val_images={hp.val_images} leaves no training image: there are {len(samples)} training images.")
+            order = np.random.default_rng(hp.split_seed).permutation(len(samples))
+            val = set(order[: hp.val_images].tolist())
+            self.train_samples = [s for i, s in enumerate(samples) if i not in val]
+            self.val_samples = [s for i, s in enumerate(samples) if i in val]
+        if stage in (None, "test") and not self.test_samples:
+            self.test_samples = self.load_split("test")
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        dataset = PatchDataset(self.train_samples, hp.patch_size, hp.mean, hp.std, hp.augment, hp.seed, hp.patches_per_epoch)
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size,
+            sampler=EpochSampler(hp.patches_per_epoch),
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            drop_last=False,
+        )
+
+    def _whole_images(self, samples: list[Sample]) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(WholeImageDataset(samples, hp.mean, hp.std), batch_size=hp.eval_batch_size, num_workers=hp.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._whole_images(self.val_samples)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._whole_images(self.test_samples)

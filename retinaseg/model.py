@@ -1,0 +1,93 @@
+"""The seed project's U-Net, with its module names kept so original weights load unchanged."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBlock(nn.Module):
+    """Two rounds of conv3x3 -> BatchNorm -> LeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.act = nn.LeakyReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(x)))
+
+
+class EncoderBlock(nn.Module):
+    """ConvBlock, then 2x2 max-pool; returns (skip, pooled)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv_block = ConvBlock(in_channels, out_channels)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.conv_block(x)
+        return skip, self.pool(skip)
+
+
+def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    top = (x.shape[-2] - height) // 2
+    left = (x.shape[-1] - width) // 2
+    return x[..., top : top + height, left : left + width]
+
+
+class DecoderBlock(nn.Module):
+    """2x2 transposed conv up, concatenate the centre-cropped skip, ConvBlock."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv_block = ConvBlock(out_channels * 2, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        skip = center_crop(skip, x.shape[-2], x.shape[-1])
+        return self.conv_block(torch.cat([x, skip], dim=1))
+
+
+class UNet(nn.Module):
+    """U-Net returning logits of shape (N, out_channels, H, W) for any input size.
+
+    With the defaults it is the seed's network (31,043,521 parameters) and its state_dict keys are the
+    seed's (`e1.conv_block.conv1.weight` ... `b.conv1.weight` ... `d4.conv_block.bn2.bias`,
+    `outputs.weight`). `base_channels` and `depth` scale it down for CPU work.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, base_channels: int = 64, depth: int = 4):
+        super().__init__()
+        if depth < 1 or base_channels < 1:
+            raise ValueError(f"depth and base_channels must be >= 1, got depth={depth}, base_channels={base_channels}")
+        self.depth = depth
+        widths = [base_channels * 2**i for i in range(depth + 1)]
+        for i in range(depth):
+            setattr(self, f"e{i + 1}", EncoderBlock(in_channels if i == 0 else widths[i - 1], widths[i]))
+        self.b = ConvBlock(widths[depth - 1], widths[depth])
+        # Decoders are numbered from the bottleneck upwards, as in the seed (d1 is the deepest).
+        for i in range(depth):
+            setattr(self, f"d{i + 1}", DecoderBlock(widths[depth - i], widths[depth - i - 1]))
+        self.outputs = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        # Pad to a multiple of 2**depth so every pooling is exact, then crop back: any size in, same size out.
+        multiple = 2**self.depth
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="replicate")
+        skips = []
+        for i in range(self.depth):
+            skip, x = getattr(self, f"e{i + 1}")(x)
+            skips.append(skip)
+        x = self.b(x)
+        for i in range(self.depth):
+            x = getattr(self, f"d{i + 1}")(x, skips[-1 - i])
+        return center_crop(self.outputs(x), height, width)

@@ -1,0 +1,106 @@
+"""LightningModule: the U-Net, its loss, the optimizer, and FOV-masked metrics for every split."""
+
+import lightning as L
+import torch
+
+from retinaseg.inference import predict_probabilities
+from retinaseg.losses import SegmentationLoss
+from retinaseg.metrics import FOVMetrics
+from retinaseg.model import UNet
+
+DEFAULT_INFERENCE = {"mode": "whole", "window": 256, "overlap": 0.25, "batch_size": 4, "weighting": "gaussian"}
+
+
+class VesselSegmentationModule(L.LightningModule):
+    """Trains on patches; validates and tests on whole images with `inference` (see retinaseg.inference).
+
+    Every constructor argument is a plain value, saved in the checkpoint, so a checkpoint rebuilds its
+    own model (size, loss, inference settings) and loads without executing pickled code.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        depth: int = 4,
+        loss: str = "dice",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        threshold: float = 0.5,
+        inference: dict | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
+    ):
+        super().__init__()
+        if scheduler not in (None, "cosine", "plateau"):
+            raise ValueError(f"model.scheduler must be null, 'cosine' or 'plateau', got {scheduler!r}")
+        self.save_hyperparameters()
+        self.inference = {**DEFAULT_INFERENCE, **(inference or {})}
+        self.net = UNet(in_channels, 1, base_channels, depth)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if compile:
+            self.net.compile()
+        self.loss = SegmentationLoss(loss)
+        self.train_metrics = FOVMetrics(threshold, with_auc=False, prefix="train/")
+        self.val_metrics = FOVMetrics(threshold, prefix="val/")
+        self.test_metrics = FOVMetrics(threshold, prefix="test/")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 1, H, W)."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def predict_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Vessel probabilities (N, 1, H, W) of whole images, by the configured inference mode."""
+        return predict_probabilities(self, images, **self.inference)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.loss(logits, batch["label"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.train_metrics.update(logits.detach().sigmoid(), batch["label"], batch["fov"])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_and_reset(self.train_metrics)
+
+    def _evaluate(self, batch: dict, metrics: FOVMetrics, stage: str) -> torch.Tensor:
+        probs = self.predict_probabilities(batch["image"])
+        # The loss takes logits; the round trip through logit is exact enough for a reported loss.
+        loss = self.loss(torch.logit(probs, eps=1e-6), batch["label"])
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(probs), sync_dist=True)
+        metrics.update(probs, batch["label"], batch["fov"])
+        return probs
+
+    # The probabilities are returned so callbacks (plots, image logging) can use them without recomputing.
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"probs": self._evaluate(batch, self.val_metrics, "val")}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_and_reset(self.val_metrics, prog_bar=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"probs": self._evaluate(batch, self.test_metrics, "test")}
+
+    def on_test_epoch_end(self) -> None:
+        self._log_and_reset(self.test_metrics)
+
+    def _log_and_reset(self, metrics: FOVMetrics, prog_bar: bool = False) -> None:
+        # torchmetrics pools (and, under DDP, syncs) the whole split before computing.
+        values = metrics.compute()
+        self.log_dict(values, prog_bar=prog_bar)
+        metrics.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        if hp.scheduler == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=5)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/f1"}}
+        return optimizer

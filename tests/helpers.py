@@ -1,0 +1,28 @@
+"""Composing the project's Hydra configs in tests, as the entry points do."""
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A tiny but real configuration: small U-Net, few small synthetic images, one short epoch.
+TINY = [
+    "model.base_channels=4",
+    "model.depth=2",
+    "data.patch_size=32",
+    "data.patches_per_epoch=32",
+    "data.batch_size=16",
+    "trainer.max_epochs=1",
+    "trainer.precision=32-true",
+]
+TINY_SYNTHETIC = TINY + ["data=synthetic", "data.synthetic_images=4", "data.synthetic_size=[96,96]", "data.val_images=1"]
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg

@@ -1,0 +1,112 @@
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from retinaseg.data.datamodule import EpochSampler, FundusDataModule, PatchDataset
+from retinaseg.data.drive import read_drive
+from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def drive_test(drive_root):
+    return read_drive(drive_root, "test")
+
+
+def test_drive_test_split_has_the_original_vessel_counts(drive_test):
+    assert [s.id for s in drive_test] == [f"{i:02d}_test" for i in range(1, 21)]
+    vessel = sum(int(s.label[s.fov].sum()) for s in drive_test)
+    background = sum(int((s.label[s.fov] == 0).sum()) for s in drive_test)
+    assert (vessel, background) == (577_649, 3_960_494)
+    assert all(s.image.shape == (584, 565, 3) and s.image.dtype == np.uint8 for s in drive_test)
+
+
+def test_palette_second_observer_reads_as_binary_and_matches_the_human_reference(drive_root, drive_test):
+    from PIL import Image
+
+    raw = Image.open(drive_root / "test" / "2nd_manual" / "01_manual2.gif")
+    assert raw.mode == "P" and set(np.unique(np.asarray(raw))) == {0, 1}
+    first = np.concatenate([s.label[s.fov] for s in drive_test]).astype(bool)
+    second = np.concatenate([s.extra["2nd_manual"][s.fov] for s in drive_test]).astype(bool)
+    tp, fp, fn = (first & second).sum(), (~first & second).sum(), (first & ~second).sum()
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(0.7891, abs=5e-5)
+    assert (first == second).mean() == pytest.approx(0.9473, abs=5e-5)
+
+
+def copy_subset(drive_root, dest, numbers=(21, 22), split="training"):
+    for folder, pattern in (("images", "{n}_training.tif"), ("1st_manual", "{n}_manual1.gif"), ("mask", "{n}_training_mask.gif")):
+        (dest / split / folder).mkdir(parents=True, exist_ok=True)
+        for n in numbers:
+            name = pattern.format(n=n)
+            shutil.copy(drive_root / split / folder / name, dest / split / folder / name)
+
+
+def test_folder_and_zip_read_the_same(drive_root, tmp_path):
+    folder = tmp_path / "DRIVE"
+    copy_subset(drive_root, folder)
+    archive = tmp_path / "DRIVE.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(folder.rglob("*")):
+            z.write(path, path.relative_to(tmp_path))  # members under DRIVE/, as distributed
+    from_folder, from_zip = read_drive(folder, "training"), read_drive(archive, "training")
+    assert [s.id for s in from_folder] == [s.id for s in from_zip] == ["21_training", "22_training"]
+    for a, b in zip(from_folder, from_zip):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label) and np.array_equal(a.fov, b.fov)
+
+
+def test_missing_dataset_says_where_it_looked_and_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="data=synthetic") as error:
+        read_drive(tmp_path / "nowhere", "training")
+    assert str(tmp_path / "nowhere") in str(error.value)
+
+
+def test_image_without_label_is_named(drive_root, tmp_path):
+    copy_subset(drive_root, tmp_path)
+    (tmp_path / "training" / "1st_manual" / "22_manual1.gif").unlink()
+    with pytest.raises(DataError, match="22_training.tif has no 1st_manual"):
+        read_drive(tmp_path, "training")
+
+
+def test_patches_are_centred_in_the_fov_and_deterministic():
+    samples = synthetic_samples(3, seed=5, height=120, width=110)
+    for s in samples:
+        s.image[...] = 0
+        s.image[s.fov] = 255  # a patch's centre pixel is white exactly when it lies in the FOV
+    dataset = PatchDataset(samples, patch_size=16, mean=(0, 0, 0), std=(1, 1, 1), augment=False, seed=3, length=50)
+    for k in range(50):
+        item = dataset[k]
+        assert item["image"].shape == (3, 16, 16) and item["label"].shape == item["fov"].shape == (1, 16, 16)
+        assert item["fov"][0, 8, 8] and item["image"][0, 8, 8] == 1.0
+    augmented = PatchDataset(samples, 16, (0, 0, 0), (1, 1, 1), augment=True, seed=3, length=5)
+    again = PatchDataset(samples, 16, (0, 0, 0), (1, 1, 1), augment=True, seed=3, length=5)
+    for k in range(5):
+        assert torch.equal(augmented[k]["image"], again[k]["image"]) and torch.equal(augmented[k]["label"], again[k]["label"])
+
+
+def test_each_epoch_draws_new_patch_indices():
+    sampler = EpochSampler(8)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert first == list(range(8)) and list(sampler) == list(range(8, 16)) and len(sampler) == 8
+
+
+def test_split_is_by_image_and_fixed_by_seed():
+    dm = FundusDataModule(source="synthetic", synthetic_images=6, synthetic_size=(96, 96), val_images=2, patch_size=32)
+    dm.setup("fit")
+    train_ids, val_ids = [s.id for s in dm.train_samples], [s.id for s in dm.val_samples]
+    assert len(train_ids) == 4 and len(val_ids) == 2 and not set(train_ids) & set(val_ids)
+    other = FundusDataModule(source="synthetic", synthetic_images=6, synthetic_size=(96, 96), val_images=2, patch_size=32)
+    other.setup("fit")
+    assert [s.id for s in other.val_samples] == val_ids
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (1, 3, 96, 96) and batch["fov"].dtype == torch.bool
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(DataError, match="val_images=6 leaves no training image"):
+        FundusDataModule(source="synthetic", synthetic_images=6, synthetic_size=(64, 64), val_images=6).setup("fit")
+    with pytest.raises(DataError, match="batch_size must be >= 1"):
+        FundusDataModule(source="synthetic", batch_size=0)
