@@ -43,16 +43,19 @@ class PatchDataset(Dataset):
 
     Item `k` is drawn from a generator seeded with (seed, k), so a patch depends only on its index:
     the same in any worker, after a resume, and different in each epoch (the sampler gives each epoch
-    its own range of indices).
+    its own range of indices). With `crop="centre"` item `k` is instead image `k mod n` cut around its
+    centre, zero-padded where the patch is larger: the seed's whole-image training.
     """
 
-    def __init__(self, samples: list[Sample], patch_size: int, mean, std, augment: bool = True, seed: int = 0, length: int = 1):
-        self.patch_size = patch_size
+    def __init__(self, samples: list[Sample], patch_size: int, mean, std, augment: bool = True, seed: int = 0, length: int = 1, crop: str = "fov"):
+        if crop not in ("fov", "centre"):
+            raise DataError(f"data.crop must be 'fov' or 'centre', got {crop!r}")
+        self.patch_size, self.crop = patch_size, crop
         # Augmenting a larger crop and cutting the centre keeps rotation corners free of padding.
         self.context = math.ceil(patch_size * 1.5) if augment else patch_size
         self.transform = augmentations(patch_size) if augment else None
         self.mean, self.std, self.seed, self.length = mean, std, seed, length
-        for s in samples:
+        for s in samples if crop == "fov" else []:
             if min(s.fov.shape) < patch_size:
                 raise DataError(f"data.patch_size={patch_size} is larger than image {s.id} ({s.fov.shape[1]}x{s.fov.shape[0]}).")
         # Zero padding lets a patch centred near the border be cut without special cases.
@@ -68,9 +71,13 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
-        i = int(rng.integers(len(self.images)))
-        centre = int(self.centres[i][rng.integers(len(self.centres[i]))])
-        row, col = divmod(centre, self.widths[i])
+        if self.crop == "centre":
+            i = index % len(self.images)
+            row, col = (size // 2 for size in self.labels[i].shape)
+            row, col = row - self.pad, col - self.pad
+        else:
+            i = int(rng.integers(len(self.images)))
+            row, col = divmod(int(self.centres[i][rng.integers(len(self.centres[i]))]), self.widths[i])
         top, left = row + self.pad - self.context // 2, col + self.pad - self.context // 2
         window = (slice(top, top + self.context), slice(left, left + self.context))
         image, label, fov = self.images[i][window], self.labels[i][window], self.fovs[i][window]
@@ -142,6 +149,7 @@ class FundusDataModule(L.LightningDataModule):
         val_images: int = 4,
         split_seed: int = 0,
         patch_size: int = 64,
+        crop: str = "fov",
         patches_per_epoch: int = 4096,
         batch_size: int = 32,
         eval_batch_size: int = 1,
@@ -189,7 +197,7 @@ class FundusDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        dataset = PatchDataset(self.train_samples, hp.patch_size, hp.mean, hp.std, hp.augment, hp.seed, hp.patches_per_epoch)
+        dataset = PatchDataset(self.train_samples, hp.patch_size, hp.mean, hp.std, hp.augment, hp.seed, hp.patches_per_epoch, hp.crop)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size,

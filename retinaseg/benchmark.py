@@ -1,0 +1,180 @@
+"""`python -m retinaseg.benchmark [overrides]`: training and inference speed, measured in one run.
+
+Training: patches per second of our Lightning training step (VesselSegmentationModule under a Trainer)
+against a plain PyTorch loop written like the original notebook (no Lightning, no channels_last), on the
+same model size, patches, batch size and data, at float32 and at our default precision. Inference:
+seconds per whole DRIVE test image for each inference mode. Prints a table and writes JSON.
+"""
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from retinaseg import precision as _precision  # noqa: F401  (registers the ${fastest_precision:} resolver)
+from retinaseg.errors import exit_on_user_error
+from retinaseg.losses import SegmentationLoss
+from retinaseg.model import UNet
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def _batches(loader, count: int):
+    """`count` batches, cycling through the loader as epochs would."""
+    epoch, produced = 0, 0
+    while produced < count:
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+            produced += 1
+            if produced == count:
+                return
+        epoch += 1
+
+
+def plain_loop(cfg: DictConfig, loader, precision: str, device: torch.device) -> float:
+    """Seconds for cfg.steps timed steps of a notebook-style loop: model, Adam, loss, backward, step."""
+    torch.manual_seed(cfg.seed)
+    model = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
+    loss_fn = SegmentationLoss(cfg.model.loss)
+    model.train()
+    for step, batch in enumerate(_batches(loader, cfg.warmup_steps + cfg.steps)):
+        if step == cfg.warmup_steps:
+            start = time.perf_counter()
+        x, y = batch["image"].to(device), batch["label"].to(device)
+        optimizer.zero_grad()
+        with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision in AUTOCAST):
+            y_pred = model(x)
+        loss = loss_fn(y_pred, y)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+class _StepTimer(L.Callback):
+    """Times the training steps after the warmup ones."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps, self.start, self.end = warmup_steps, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup_steps:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.end = time.perf_counter()
+
+
+def lightning_loop(cfg: DictConfig, datamodule, precision: str) -> float:
+    """Seconds for cfg.steps timed steps of our LightningModule under a Trainer, nothing else switched on."""
+    torch.manual_seed(cfg.seed)
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    timer = _StepTimer(cfg.warmup_steps)
+    trainer = L.Trainer(
+        max_steps=cfg.warmup_steps + cfg.steps,
+        precision=precision,
+        devices=1,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
+    return timer.end - timer.start
+
+
+def inference_seconds(cfg: DictConfig, datamodule, mode: str, precision: str, device: torch.device) -> float:
+    """Mean seconds per whole test image (batch of one) with the given inference mode, after one warmup image."""
+    model = hydra.utils.instantiate(cfg.model, _convert_="all").to(device).eval()
+    model.inference["mode"] = mode
+    loader = datamodule.test_dataloader()
+    images = [batch["image"] for _, batch in zip(range(cfg.inference_images + 1), loader)]
+    times = []
+    for image in images:
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision in AUTOCAST):
+            model.predict_probabilities(image.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sum(times[1:]) / max(1, len(times) - 1)
+
+
+def benchmark(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    loader = datamodule.train_dataloader()
+    precisions = list(dict.fromkeys(cfg.precisions))
+    patches = cfg.steps * cfg.data.batch_size
+    pixels = patches * cfg.data.patch_size**2
+
+    variants = [("plain", p) for p in precisions] + [("lightning", p) for p in precisions]
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(cfg.rounds):
+        for loop, prec in variants:
+            seconds = plain_loop(cfg, loader, prec, device) if loop == "plain" else lightning_loop(cfg, datamodule, prec)
+            best[(loop, prec)] = min(seconds, best.get((loop, prec), float("inf")))
+    training = [
+        {"loop": loop, "precision": prec, "seconds": s, "patches_per_s": patches / s, "pixels_per_s": pixels / s}
+        for (loop, prec), s in best.items()
+    ]
+    baseline = best[("plain", "32-true")] if ("plain", "32-true") in best else None
+    for row in training:
+        row["speedup_vs_plain_fp32"] = baseline / row["seconds"] if baseline else None
+    inference = [
+        {"mode": mode, "precision": precisions[-1], "seconds_per_image": inference_seconds(cfg, datamodule, mode, precisions[-1], device)}
+        for mode in cfg.inference_modes
+    ]
+    for row in inference:
+        row["seconds_for_20_images"] = 20 * row["seconds_per_image"]
+    return {
+        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "settings": {"base_channels": cfg.model.base_channels, "depth": cfg.model.depth, "patch_size": cfg.data.patch_size,
+                     "batch_size": cfg.data.batch_size, "steps": cfg.steps, "rounds": cfg.rounds, "source": cfg.data.source,
+                     "inference": OmegaConf.to_container(cfg.model.inference)},
+        "training": training,
+        "inference": inference,
+    }
+
+
+def table(result: dict) -> str:
+    lines = ["loop       precision    patches/s   Mpixels/s   vs plain fp32"]
+    for row in result["training"]:
+        ratio = f"{row['speedup_vs_plain_fp32']:.2f}x" if row["speedup_vs_plain_fp32"] else "-"
+        lines.append(f"{row['loop']:<10} {row['precision']:<12} {row['patches_per_s']:>9.1f}   {row['pixels_per_s'] / 1e6:>9.3f}   {ratio:>13}")
+    lines.append("inference  precision    s/image     s/20 images")
+    for row in result["inference"]:
+        lines.append(f"{row['mode']:<10} {row['precision']:<12} {row['seconds_per_image']:>7.3f}     {row['seconds_for_20_images']:>7.1f}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        result = benchmark(cfg)
+    Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")
+    log.info("benchmark on %s, settings %s\n%s\nwritten to %s", result["machine"], result["settings"], table(result), cfg.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The benchmark runs end to end in a tiny configuration (a smoke test: no timing is asserted)."""
+
+from retinaseg.benchmark import benchmark, table
+
+from helpers import TINY_SYNTHETIC, compose_config
+
+
+def test_benchmark_measures_every_variant(tmp_path):
+    overrides = [o for o in TINY_SYNTHETIC if not o.startswith("trainer.")]
+    cfg = compose_config("benchmark", overrides + ["steps=2", "warmup_steps=1", "rounds=1", "inference_images=1", "precisions=[32-true,bf16-mixed]"], tmp_path)
+    result = benchmark(cfg)
+    variants = {(row["loop"], row["precision"]) for row in result["training"]}
+    assert variants == {(loop, p) for loop in ("plain", "lightning") for p in ("32-true", "bf16-mixed")}
+    assert all(row["patches_per_s"] > 0 and row["speedup_vs_plain_fp32"] > 0 for row in result["training"])
+    assert [row["mode"] for row in result["inference"]] == ["whole", "sliding"]
+    assert all(row["seconds_per_image"] > 0 for row in result["inference"])
+    assert "lightning" in table(result) and "sliding" in table(result)
