@@ -4,6 +4,8 @@ import contextlib
 import logging
 import sys
 
+from hydra.errors import InstantiationException
+
 log = logging.getLogger("retinaseg")
 
 
@@ -15,7 +17,12 @@ class DataError(Exception):
 def exit_on_user_error():
     try:
         yield
-    except DataError as error:
+    except (DataError, InstantiationException) as error:
+        # Hydra wraps errors raised while building objects from the config; unwrap ours, re-raise others.
+        if isinstance(error, InstantiationException):
+            if not isinstance(error.__cause__, DataError):
+                raise
+            error = error.__cause__
         log.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -139,3 +139,10 @@ def predict_probabilities(
             return torch.cat([probabilities(chunk) for chunk in images.split(batch_size)])
         # Blend probabilities rather than logits, so one confident window cannot swamp its neighbours.
         return sliding_window_inference(images, probabilities, window, overlap, batch_size, weighting)
+
+
+def flip_averaged(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean of `predict` on `images` (N, C, H, W) and on their horizontal,
+    vertical and double flips, each output flipped back."""
+    flips = ([], [-1], [-2], [-2, -1])
+    return sum(predict(images.flip(dims)).flip(dims) for dims in flips) / len(flips)

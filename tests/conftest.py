@@ -18,3 +18,14 @@ def drive_root() -> Path:
     if os.environ.get("RETINASEG_REQUIRE_DRIVE") == "1":
         pytest.fail(message + " but RETINASEG_REQUIRE_DRIVE=1")
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def drive_checkpoint(drive_root, tmp_path_factory) -> Path:
+    """best.ckpt of a tiny real training on DRIVE (small U-Net, a few hundred patches, no test stage)."""
+    from helpers import TINY, compose_config
+    from retinaseg.train import train
+
+    run_dir = tmp_path_factory.mktemp("drive_run")
+    train(compose_config("train", TINY + [f"data.root={drive_root}", "data.patches_per_epoch=256", "test=false"], run_dir))
+    return run_dir / "checkpoints" / "best.ckpt"

@@ -1,6 +1,7 @@
 """LightningDataModule: random FOV-centred training patches, whole images for validation and test."""
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import albumentations as A
@@ -15,6 +16,11 @@ from retinaseg.data.drive import read_drive
 from retinaseg.data.sample import Sample
 from retinaseg.errors import DataError
 from retinaseg.data.synthetic import synthetic_samples
+
+
+# A run resumed mid-epoch continues the patch stream exactly (FundusDataModule.state_dict), which
+# Lightning cannot tell: it only knows data loaders that have their own state_dict.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -92,24 +98,55 @@ class PatchDataset(Dataset):
         }
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes of a DDP run; (0, 1) outside one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
 class EpochSampler(Sampler[int]):
     """Indices `epoch * n ... (epoch + 1) * n - 1`, dealt round-robin to the processes of a DDP run.
 
     `n` (data.patches_per_epoch) is the total over all processes, so an epoch means the same whatever
-    the number of GPUs. Lightning calls `set_epoch` at the start of every training epoch.
+    the number of GPUs. Lightning calls `set_epoch` at the start of every training epoch. A run resumed
+    mid-epoch starts at that epoch and skips the `skip` indices (per process) it has already trained on;
+    its length stays the whole epoch's, as Lightning counts the resumed epoch's batches from where it was.
     """
 
-    def __init__(self, num_patches: int):
+    def __init__(self, num_patches: int, epoch: int = 0, skip: int = 0):
         self.num_patches = num_patches
-        self.epoch = 0
+        self.epoch, self.skip = epoch, skip
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0  # only the interrupted epoch is partly done
         self.epoch = epoch
 
     def _shard(self) -> range:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        rank, world = rank_and_world_size()
         start = self.epoch * self.num_patches
         return range(start + rank, start + self.num_patches, world)
+
+    def __iter__(self):
+        return iter(self._shard()[self.skip :])
+
+    def __len__(self) -> int:
+        return len(self._shard())
+
+
+class ImageShardSampler(Sampler[int]):
+    """Images `0 ... n-1` dealt round-robin to the processes of a DDP run, each to exactly one (no padding), so
+    metrics pooled over the processes count every image once, as on one device.
+
+    With fewer images than processes every process takes them all, so that none sits out the epoch-end sync:
+    each image then counts once per process, which leaves every pooled ratio and the AUC unchanged.
+    """
+
+    def __init__(self, num_images: int):
+        self.num_images = num_images
+
+    def _shard(self) -> range:
+        rank, world = rank_and_world_size()
+        return range(rank, self.num_images, world) if self.num_images >= world else range(self.num_images)
 
     def __iter__(self):
         return iter(self._shard())
@@ -173,6 +210,8 @@ class FundusDataModule(L.LightningDataModule):
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
+        # (epoch, batches of it done) where training resumes; see state_dict.
+        self.resume_at = (0, 0)
 
     def load_split(self, split: str) -> list[Sample]:
         hp = self.hparams
@@ -195,13 +234,29 @@ class FundusDataModule(L.LightningDataModule):
         if stage in (None, "test") and not self.test_samples:
             self.test_samples = self.load_split("test")
 
+    def state_dict(self) -> dict:
+        """Where training stands in the patch stream, saved in each checkpoint: a resumed run draws the
+        patches an uninterrupted one would. (Lightning creates the resumed run's loader, and its workers
+        fetch ahead, before it tells the sampler the epoch, so the sampler must know it from the start.)"""
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if done >= self.trainer.num_training_batches:  # saved at the end of an epoch: the next one is due
+            return {"epoch": self.trainer.current_epoch + 1, "batches_done": 0}
+        return {"epoch": self.trainer.current_epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.resume_at = (state["epoch"], state["batches_done"])
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         dataset = PatchDataset(self.train_samples, hp.patch_size, hp.mean, hp.std, hp.augment, hp.seed, hp.patches_per_epoch, hp.crop)
+        epoch, batches_done = self.resume_at
         return DataLoader(
             dataset,
             batch_size=hp.batch_size,
-            sampler=EpochSampler(hp.patches_per_epoch),
+            sampler=EpochSampler(hp.patches_per_epoch, epoch, batches_done * hp.batch_size),
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             drop_last=False,
@@ -209,7 +264,12 @@ class FundusDataModule(L.LightningDataModule):
 
     def _whole_images(self, samples: list[Sample]) -> DataLoader:
         hp = self.hparams
-        return DataLoader(WholeImageDataset(samples, hp.mean, hp.std), batch_size=hp.eval_batch_size, num_workers=hp.num_workers)
+        return DataLoader(
+            WholeImageDataset(samples, hp.mean, hp.std),
+            batch_size=hp.eval_batch_size,
+            sampler=ImageShardSampler(len(samples)),
+            num_workers=hp.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._whole_images(self.val_samples)

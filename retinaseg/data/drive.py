@@ -117,10 +117,11 @@ def read_drive(root: str | Path, split: str) -> list[Sample]:
     labels = _by_number(files.list(f"{split}/1st_manual"))
     masks = _by_number(files.list(f"{split}/mask"))
     second = _by_number(files.list(f"{split}/2nd_manual"))
-    unpaired = sorted(set(labels) - set(images))
-    if unpaired:
-        names = ", ".join(files.where(f"{split}/1st_manual", labels[n]) for n in unpaired)
-        raise DataError(f"labels without an image: {names}. Add the images or remove these labels.")
+    for folder, found in (("1st_manual", labels), ("mask", masks)):
+        unpaired = sorted(set(found) - set(images))
+        if unpaired:
+            names = ", ".join(files.where(f"{split}/{folder}", found[n]) for n in unpaired)
+            raise DataError(f"{folder} files without an image: {names}. Add the images or remove these files.")
 
     samples = []
     for number, image_name in sorted(images.items()):

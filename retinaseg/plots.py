@@ -1,0 +1,157 @@
+"""Figures of a run: training curves, an image | label | prediction | errors grid, ROC and PR curves.
+
+Figures are drawn on matplotlib's Agg canvas through `Figure` (not pyplot), so they never open a
+window, need no display and leave the caller's matplotlib state alone.
+"""
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from torchmetrics.functional.classification import binary_roc
+
+# Error map colours, told apart also by red-green colour-blind readers.
+TP_COLOUR, FP_COLOUR, FN_COLOUR = (255, 255, 255), (255, 90, 30), (0, 160, 255)
+OUTSIDE_FOV = (45, 45, 45)
+# (panel title, train column, validation column) of Lightning's CSV log.
+CURVES = (
+    ("loss", "train/loss_epoch", "val/loss"),
+    ("recall", "train/recall", "val/recall"),
+    ("precision", "train/precision", "val/precision"),
+    ("F1", "train/f1", "val/f1"),
+)
+CURVE_POINTS = 2000  # points drawn per curve: plenty for the eye, cheap for the file
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def epoch_values(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
+    """Per column of a Lightning metrics.csv, its value at each epoch (the epoch's last logged one)."""
+    values: dict[str, dict[int, float]] = {}
+    with open(metrics_csv, newline="") as file:
+        for row in csv.DictReader(file):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value:
+                    values.setdefault(key, {})[epoch] = float(value)
+    return values
+
+
+def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
+    """Loss, recall, precision and F1 per epoch, train and validation (the original's metrics.jpg)."""
+    values = epoch_values(metrics_csv)
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    for ax, (title, train_key, val_key) in zip(fig.subplots(2, 2).flat, CURVES):
+        for key, label in ((train_key, "train"), (val_key, "validation")):
+            points = sorted(values.get(key, {}).items())
+            if points:
+                epochs, ys = zip(*points)
+                ax.plot([e + 1 for e in epochs], ys, marker="o", markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Training curves (metrics inside the FOV)")
+    return save(fig, path)
+
+
+def error_map(prediction: np.ndarray, label: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: true positives, false positives and false negatives in three colours, grey outside the FOV."""
+    prediction, label, fov = prediction.astype(bool), label.astype(bool), fov.astype(bool)
+    out = np.zeros((*label.shape, 3), np.uint8)
+    out[~fov] = OUTSIDE_FOV
+    out[prediction & label & fov] = TP_COLOUR
+    out[prediction & ~label & fov] = FP_COLOUR
+    out[~prediction & label & fov] = FN_COLOUR
+    return out
+
+
+def displayable(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An image as (H, W, 3) for imshow: uint8 as is, a normalised (3, H, W) tensor stretched to [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().permute(1, 2, 0).numpy()
+    if image.dtype == np.uint8:
+        return image
+    low, high = float(image.min()), float(image.max())
+    return (image - low) / max(high - low, 1e-8)
+
+
+def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path) -> Path:
+    """One row per image: image | label | prediction | error map (the original's results.jpg, plus errors).
+
+    Each row is a mapping with id, image ((H, W, 3) uint8 or a normalised (3, H, W) tensor), label, fov
+    and prob ((H, W) arrays); the prediction is prob > threshold inside the FOV.
+    """
+    fig = Figure(figsize=(12, 3.2 * len(rows)), layout="constrained")
+    axes = np.asarray(fig.subplots(len(rows), 4, squeeze=False))
+    for ax_row, row in zip(axes, rows):
+        label, fov = np.asarray(row["label"]).astype(bool), np.asarray(row["fov"]).astype(bool)
+        prediction = (np.asarray(row["prob"]) > threshold) & fov
+        tp, fp, fn = (prediction & label & fov).sum(), (prediction & ~label & fov).sum(), (~prediction & label & fov).sum()
+        f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+        panels = (displayable(row["image"]), label, prediction, error_map(prediction, label, fov))
+        titles = (str(row["id"]), "label", f"prediction (F1 {f1:.3f})", "errors")
+        for ax, panel, title in zip(ax_row, panels, titles):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
+            ax.set_title(title, fontsize=10)
+            ax.axis("off")
+    legend = [Patch(color=np.array(c) / 255, label=name) for c, name in ((TP_COLOUR, "true positive"), (FP_COLOUR, "false positive"), (FN_COLOUR, "false negative"))]
+    fig.legend(handles=legend, loc="outside lower center", ncols=3, facecolor="0.8")
+    fig.suptitle(f"Image | label | prediction at threshold {threshold:.3g} | errors inside the FOV")
+    return save(fig, path)
+
+
+def _thin(*curves: torch.Tensor) -> list[np.ndarray]:
+    """At most CURVE_POINTS evenly spaced points of curves given point by point (ends kept)."""
+    index = torch.linspace(0, len(curves[0]) - 1, min(len(curves[0]), CURVE_POINTS)).round().long()
+    return [c[index].numpy() for c in curves]
+
+
+def roc_pr_curves(probs: torch.Tensor, labels: torch.Tensor, auc: float, points: Mapping[str, Mapping[str, float]], path: str | Path, title: str) -> Path:
+    """ROC and precision-recall curves of pooled pixels, with operating points marked.
+
+    `points` maps a name (e.g. "model at 0.5", "second observer") to its sensitivity, specificity and precision.
+    """
+    probs, labels = probs.flatten().float(), labels.flatten().long()
+    fpr, tpr, _ = binary_roc(probs, labels)
+    # Precision from the same sort: true and false positives are the rates times the class counts.
+    positives = labels.sum().double()
+    tp, fp = tpr.double() * positives, fpr.double() * (len(labels) - positives)
+    predicted = tp + fp > 0  # the ROC's first point predicts nothing: it has no precision
+    precision, recall = tp[predicted] / (tp + fp)[predicted], tpr[predicted]
+    fig = Figure(figsize=(11, 5), layout="constrained")
+    roc, pr = fig.subplots(1, 2)
+    roc.plot(*_thin(fpr, tpr), label=f"model (AUC {auc:.4f})")
+    roc.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
+    roc.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)", title="ROC")
+    pr.plot(*_thin(recall, precision), label="model")
+    pr.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.02))
+    for (name, p), marker in zip(points.items(), "os^D"):
+        roc.plot(1 - p["specificity"], p["sensitivity"], marker, markersize=8, label=name)
+        pr.plot(p["sensitivity"], p["precision"], marker, markersize=8, label=name)
+    for ax in (roc, pr):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if ax is roc else "lower left")
+    fig.suptitle(title)
+    return save(fig, path)
+
+
+def log_images(loggers: Sequence, images: Mapping[str, Path], step: int | None = None) -> None:
+    """Send figure files to the loggers that take images (those with `log_image`, e.g. W&B's); skip the others."""
+    for logger in loggers:
+        if hasattr(logger, "log_image"):
+            for key, path in images.items():
+                logger.log_image(key=key, images=[str(path)], step=step)

@@ -1,0 +1,115 @@
+"""retinaseg.eval: the DRIVE protocol's numbers, the files they are recomputed from, and a threshold never tuned on test labels."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import f1_score, roc_auc_score
+
+from retinaseg.data.drive import read_drive
+from retinaseg.eval import evaluate
+from retinaseg.metrics import REPORTED
+
+from helpers import compose_config
+
+
+def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:
+    return evaluate(compose_config("eval", [f"ckpt_path={ckpt_path}", *overrides], output_dir))
+
+
+def test_eval_files_recompute_independently(drive_root, drive_checkpoint, tmp_path, capsys):
+    run_eval(drive_checkpoint, [f"data.root={drive_root}"], tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["region"] == "fov" and metrics["n_images"] == 20 and metrics["threshold"] == 0.5 and metrics["split"] == "test"
+    for group in (metrics, metrics["per_image_mean"], metrics["whole_image"]):
+        assert set(REPORTED) <= set(group)
+    assert set(REPORTED) - set(metrics["second_observer"]) == {"auc"}  # a binary mask has no ROC curve
+    assert "second observer" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "predictions.png").is_file() and (tmp_path / "plots" / "roc_pr.png").is_file()
+
+    samples = read_drive(drive_root, "test")
+    with open(tmp_path / "per_image.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["id"] for row in rows] == [s.id for s in samples]
+    probs = np.load(tmp_path / "probabilities.npz")
+    assert sorted(probs.files) == [s.id for s in samples]
+    assert all(probs[s.id].shape == (584, 565) and probs[s.id].dtype == np.float32 for s in samples)
+
+    # scikit-learn on the saved probabilities and the labels read afresh gives the same numbers.
+    threshold = metrics["threshold"]
+    p = np.concatenate([probs[s.id][s.fov] for s in samples])
+    y = np.concatenate([s.label[s.fov] for s in samples])
+    assert metrics["f1"] == pytest.approx(f1_score(y, p > threshold), abs=1e-6)
+    assert metrics["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
+    whole_p = np.concatenate([probs[s.id].ravel() for s in samples])
+    whole_y = np.concatenate([s.label.ravel() for s in samples])
+    assert metrics["whole_image"]["f1"] == pytest.approx(f1_score(whole_y, whole_p > threshold), abs=1e-6)
+    per_image_f1 = [f1_score(s.label[s.fov], probs[s.id][s.fov] > threshold, zero_division=0) for s in samples]
+    assert [float(row["f1"]) for row in rows] == pytest.approx(per_image_f1, abs=1e-6)
+    assert metrics["per_image_mean"]["f1"] == pytest.approx(np.mean(per_image_f1), abs=1e-6)
+    for s in samples[:3]:
+        mask = np.array(Image.open(tmp_path / "predictions" / f"{s.id}.png"))
+        assert np.array_equal(mask, ((probs[s.id] > threshold) & s.fov).astype(np.uint8) * 255)
+
+    # The human reference of data/README.md.
+    observer = metrics["second_observer"]
+    assert observer["f1"] == pytest.approx(0.7891, abs=5e-5) and observer["accuracy"] == pytest.approx(0.9473, abs=5e-5)
+    assert observer["sensitivity"] == pytest.approx(0.7746, abs=5e-5) and observer["specificity"] == pytest.approx(0.9725, abs=5e-5)
+
+
+def drive_with_inverted_test_labels(drive_root, dest):
+    """A DRIVE folder with the real training split and two test images whose labels are inverted."""
+    (dest / "training").mkdir(parents=True)
+    for folder in ("images", "1st_manual", "mask"):
+        (dest / "training" / folder).symlink_to(drive_root / "training" / folder)
+        (dest / "test" / folder).mkdir(parents=True)
+    for number in ("01", "02"):
+        for folder, name in (("images", f"{number}_test.tif"), ("mask", f"{number}_test_mask.gif")):
+            (dest / "test" / folder / name).symlink_to(drive_root / "test" / folder / name)
+        label = np.array(Image.open(drive_root / "test" / "1st_manual" / f"{number}_manual1.gif").convert("L"))
+        Image.fromarray(255 - label).save(dest / "test" / "1st_manual" / f"{number}_manual1.png")
+    return dest
+
+
+def pooled_f1(probs, labels, threshold: float) -> float:
+    predicted = probs > threshold
+    tp, fp, fn = (predicted & labels).sum(), (predicted & ~labels).sum(), (~predicted & labels).sum()
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def test_threshold_val_is_chosen_on_validation_images_only(drive_root, drive_checkpoint, tmp_path):
+    val = run_eval(drive_checkpoint, [f"data.root={drive_root}", "threshold=val", "split=val", "plot_images=0"], tmp_path / "val")
+    assert val["threshold_from"] == "validation F1" and val["n_images"] == 4 and "second_observer" not in val
+    # On the validation images no threshold of a fine grid beats the chosen one.
+    probs = np.load(tmp_path / "val" / "probabilities.npz")
+    samples = [s for s in read_drive(drive_root, "training") if s.id in probs.files]
+    p = np.concatenate([probs[s.id][s.fov] for s in samples])
+    y = np.concatenate([s.label[s.fov] for s in samples]).astype(bool)
+    assert val["f1"] == pytest.approx(pooled_f1(p, y, val["threshold"]), abs=1e-6)
+    assert val["f1"] >= max(pooled_f1(p, y, t) for t in np.linspace(0.01, 0.99, 99)) - 1e-9
+
+    # Scoring the test split with inverted test labels: the scores show the inversion, the threshold does not.
+    root = drive_with_inverted_test_labels(drive_root, tmp_path / "DRIVE")
+    test = run_eval(drive_checkpoint, [f"data.root={root}", "threshold=val", "plot_images=0"], tmp_path / "test")
+    assert test["threshold"] == val["threshold"] and test["n_images"] == 2
+    probs = np.load(tmp_path / "test" / "probabilities.npz")
+    inverted = read_drive(root, "test")
+    p = np.concatenate([probs[s.id][s.fov] for s in inverted])
+    y = np.concatenate([s.label[s.fov] for s in inverted]).astype(bool)
+    assert test["f1"] == pytest.approx(pooled_f1(p, y, test["threshold"]), abs=1e-6)
+
+
+def test_eval_entry_point_reports_a_bad_checkpoint_in_one_line(tmp_path):
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_text("not a checkpoint\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "retinaseg.eval", f"ckpt_path={not_a_checkpoint}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ,
+    )
+    assert result.returncode == 2
+    assert "is not a PyTorch checkpoint" in result.stderr and "Traceback" not in result.stderr + result.stdout

@@ -1,0 +1,128 @@
+"""retinaseg.predict on photographs of several formats, with given and estimated FOV masks; safe checkpoint loading."""
+
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retinaseg.checkpoint import load_checkpoint
+from retinaseg.data.drive import read_drive
+from retinaseg.errors import DataError
+from retinaseg.predict import estimate_fov, predict
+
+from helpers import compose_config
+
+
+@pytest.fixture(scope="module")
+def test_samples(drive_root):
+    return read_drive(drive_root, "test")[:4]
+
+
+@pytest.fixture(scope="module")
+def photo_folder(test_samples, tmp_path_factory):
+    """One DRIVE photograph as an RGB TIFF, an RGBA PNG and a 16-bit PNG; another, shrunk, as a grayscale
+    JPEG; a text file beside them; and a folder of their FOV masks under two naming styles."""
+    folder = tmp_path_factory.mktemp("photos")
+    first, second = test_samples[0].image, test_samples[1].image
+    bgr = cv2.cvtColor(first, cv2.COLOR_RGB2BGR)
+    cv2.imwrite(str(folder / "rgb.tif"), bgr)
+    cv2.imwrite(str(folder / "rgba.png"), cv2.cvtColor(first, cv2.COLOR_RGB2BGRA))
+    cv2.imwrite(str(folder / "deep.png"), bgr.astype(np.uint16) * 257)
+    small = cv2.resize(second, (400, 413), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(folder / "gray.jpg"), small[..., 1])
+    (folder / "notes.txt").write_text("not a photograph\n")
+    masks = folder.parent / f"{folder.name}_masks"
+    masks.mkdir()
+    fov = test_samples[0].fov.astype(np.uint8) * 255
+    for stem in ("rgb_mask", "rgba_mask", "deep"):
+        Image.fromarray(fov).save(masks / f"{stem}.png")
+    small_fov = cv2.resize(test_samples[1].fov.astype(np.uint8), (400, 413), interpolation=cv2.INTER_NEAREST) * 255
+    Image.fromarray(small_fov).save(masks / "gray_mask.gif")
+    return folder, masks
+
+
+def read(path) -> np.ndarray:
+    return np.array(Image.open(path))
+
+
+def test_predict_entry_point_on_a_folder_of_formats(drive_checkpoint, photo_folder, test_samples, tmp_path):
+    folder, _ = photo_folder
+    out = tmp_path / "out"
+    result = subprocess.run(
+        # threshold=0: every FOV pixel is vessel, so the masks show the FOV (the tiny model's vessels are faint).
+        [sys.executable, "-m", "retinaseg.predict", f"ckpt_path={drive_checkpoint}", f"input={folder}", f"output_dir={out}", "threshold=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "predict.log").read_text()
+    assert "notes.txt" in log and "grayscale" in log and "alpha" in log and "16-bit" in log
+    for stem, size in (("rgb", (584, 565)), ("rgba", (584, 565)), ("deep", (584, 565)), ("gray", (413, 400))):
+        prob, mask, over = (read(out / f"{stem}_{kind}.png") for kind in ("prob", "mask", "overlay"))
+        assert prob.shape == mask.shape == size and prob.dtype == mask.dtype == np.uint8 and over.shape == (*size, 3)
+        assert set(np.unique(mask)) == {0, 255} and not (mask[:10, :10].any() or prob[:10, :10].any())  # corners: outside the FOV
+        assert mask[size[0] // 2, size[1] // 2] == 255 and 0.5 < (mask > 0).mean() < 0.85  # the estimated FOV, about DRIVE's
+    # The same photograph read from an 8-bit TIFF, an RGBA PNG and a 16-bit PNG gives the same vessels.
+    assert np.array_equal(read(out / "rgb_prob.png"), read(out / "rgba_prob.png"))
+    assert np.array_equal(read(out / "rgb_prob.png"), read(out / "deep_prob.png"))
+
+
+def test_predict_with_given_fov_masks(drive_checkpoint, photo_folder, test_samples, tmp_path):
+    folder, masks = photo_folder
+    for fov, out in ((masks, tmp_path / "folder"), (masks / "gray_mask.gif", tmp_path / "file")):
+        single = fov.is_file()
+        overrides = [f"ckpt_path={drive_checkpoint}", f"input={folder / 'gray.jpg' if single else folder}", f"fov={fov}", f"output_dir={out}", "threshold=0"]
+        cfg = compose_config("predict", overrides, out)
+        written = predict(cfg)
+        assert len(written) == (1 if single else 4)
+    given = read(masks / "gray_mask.gif") > 0
+    for out in (tmp_path / "folder", tmp_path / "file"):
+        prob, mask = read(out / "gray_prob.png"), read(out / "gray_mask.png")
+        assert not prob[~given].any() and np.array_equal(mask > 0, given)
+
+
+def test_estimated_fov_matches_drive_masks(test_samples):
+    for s in test_samples:
+        fov = estimate_fov(s.image)
+        assert (fov & s.fov).sum() / (fov | s.fov).sum() > 0.98
+    assert estimate_fov(np.full((50, 60, 3), 120, np.uint8)).all()  # no dark border: all of it
+
+
+def test_predict_errors_are_clear(drive_checkpoint, photo_folder, tmp_path):
+    folder, masks = photo_folder
+
+    def run(**settings):
+        overrides = [f"{key}={value}" for key, value in {"ckpt_path": drive_checkpoint, "input": folder, "output_dir": tmp_path / "out", **settings}.items()]
+        return predict(compose_config("predict", overrides, tmp_path))
+
+    with pytest.raises(DataError, match="notes.txt is not a PNG, JPEG, TIFF or PPM"):
+        run(input=folder / "notes.txt")
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a png\n")
+    with pytest.raises(DataError, match="cannot read .*broken.png"):
+        run(input=broken)
+    with pytest.raises(DataError, match="no FOV mask for deep.png"):
+        run(fov=tmp_path)
+    with pytest.raises(DataError, match="is 400x413 but .*rgb.tif is 565x584"):
+        run(input=folder / "rgb.tif", fov=masks / "gray_mask.gif")
+    with pytest.raises(DataError, match="is not a PyTorch checkpoint"):
+        run(ckpt_path=folder / "notes.txt")
+
+
+class Payload:
+    """A class that unpickling would have to import and build: weights_only must refuse it."""
+
+
+def test_checkpoints_load_without_running_pickled_code(drive_checkpoint, tmp_path):
+    checkpoint = load_checkpoint(drive_checkpoint)
+    assert checkpoint["hyper_parameters"]["base_channels"] == 4 and "mean" in checkpoint["datamodule_hyper_parameters"]
+    torch.save({**checkpoint, "extra": Payload()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(DataError, match=r"pickled objects .*Payload.*nothing in it was run"):
+        load_checkpoint(tmp_path / "pickled.ckpt")
+    torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(DataError, match="not a retinaseg checkpoint"):
+        load_checkpoint(tmp_path / "other.ckpt")

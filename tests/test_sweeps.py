@@ -1,0 +1,82 @@
+"""Hydra multiruns: a directory per job inside one sweep directory, failing jobs reported, the best job named;
+an Optuna study of two trials; the SLURM launcher's config."""
+
+import re
+
+import optuna
+import yaml
+from hydra import compose, initialize_config_dir
+
+from test_train import run_module
+
+from helpers import CONF, TINY_SYNTHETIC
+
+# Microseconds in the name keep sweeps started in the same second apart.
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}")
+
+
+def overrides(job_dir) -> list[str]:
+    return yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+
+
+def test_multirun_runs_each_combination_in_its_own_directory(tmp_path):
+    result = run_module(["-m", "model.loss=dice,bce", "logger=wandb"] + TINY_SYNTHETIC, cwd=tmp_path, WANDB_MODE="offline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    assert TIMESTAMP.fullmatch(sweep.name)
+    for job, loss in ((0, "dice"), (1, "bce")):
+        assert f"model.loss={loss}" in overrides(sweep / str(job))
+        assert (sweep / str(job) / "metrics.json").is_file() and (sweep / str(job) / "csv" / "metrics.csv").is_file()
+    # Each job is a W&B run of its own, finished before the next job starts.
+    runs = [list((sweep / str(job) / "wandb").glob("offline-run-*")) for job in (0, 1)]
+    assert [len(r) for r in runs] == [1, 1] and runs[0][0].name.split("-")[-1] != runs[1][0].name.split("-")[-1]
+
+    summary = yaml.safe_load((sweep / "sweep_summary.yaml").read_text())
+    assert [job["status"] for job in summary["jobs"]] == ["COMPLETED", "COMPLETED"]
+    values = [job["value"] for job in summary["jobs"]]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    best = summary["best"]
+    assert best["value"] == max(values) and best["dir"] == str(sweep / str(best["job"]))
+    assert f"best job: #{best['job']}" in result.stdout + result.stderr
+
+
+def test_failing_jobs_are_reported_with_their_overrides_and_the_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_module(["-m", "data.eval_batch_size=0,-1", f"hydra.sweep.dir={sweep}"] + TINY_SYNTHETIC, cwd=tmp_path)
+    assert result.returncode != 0
+    logged = result.stdout + result.stderr
+    for job, size in ((0, 0), (1, -1)):
+        assert re.search(rf"job #{job} failed \(overrides: data\.eval_batch_size={size} .*\): DataError: data\.eval_batch_size must be >= 1", logged)
+    summary = yaml.safe_load((sweep / "sweep_summary.yaml").read_text())
+    assert [job["status"] for job in summary["jobs"]] == ["FAILED", "FAILED"] and summary["best"] is None
+    assert "data.eval_batch_size=-1" in summary["jobs"][1]["overrides"] and "eval_batch_size" in summary["jobs"][1]["error"]
+
+
+def test_optuna_study_of_two_trials_kept_in_its_storage(tmp_path):
+    sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
+    # TINY_SYNTHETIC fixes base channels, patch and batch size: the study searches lr and loss.
+    args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep}"]
+    result = run_module(args + TINY_SYNTHETIC, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    trials = [dict(arg.split("=", 1) for arg in overrides(sweep / str(job))) for job in (0, 1)]
+    assert all({"model.lr", "model.loss"} <= set(trial) and trial["model.base_channels"] == "4" for trial in trials)
+    assert trials[0]["model.lr"] != trials[1]["model.lr"]
+
+    study = optuna.load_study(study_name="retinaseg", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    summary = yaml.safe_load((sweep / "sweep_summary.yaml").read_text())
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert summary["best"]["value"] == results["best_value"] == study.best_value == max(t.value for t in study.trials)
+
+
+def test_slurm_launcher_config_composes():
+    # What `python -m retinaseg.train hydra/launcher=slurm ... --cfg hydra` prints, resolved.
+    args = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=args, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    # One SLURM task per GPU, on as many nodes as Lightning is told.
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.sync_batchnorm
