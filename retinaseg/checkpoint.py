@@ -64,9 +64,10 @@ def resolve_device(device: str) -> torch.device:
         raise DataError(f"device={device!r} is not a device: {error}. Use auto, cpu, cuda or cuda:<n>.") from None
 
 
-def normalisation(checkpoint: dict) -> tuple[list[float], list[float]]:
-    """The per-channel mean and std the checkpoint's model was trained with (its data.mean, data.std)."""
+def normalisation(checkpoint: dict) -> tuple[list[float], list[float], bool]:
+    """The per-channel mean and std the checkpoint's model was trained with (its data.mean, data.std), and
+    whether its images were contrast-equalised (data.clahe)."""
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     if "mean" not in data or "std" not in data:
         raise DataError("the checkpoint has no data.mean/data.std (datamodule_hyper_parameters): it was not written by `python -m retinaseg.train`.")
-    return list(data["mean"]), list(data["std"])
+    return list(data["mean"]), list(data["std"]), bool(data.get("clahe", False))

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 
 from retinaseg.checkpoint import build_module, load_checkpoint, normalisation, resolve_device
-from retinaseg.data.datamodule import normalize
+from retinaseg.data.datamodule import equalize_contrast, normalize
 from retinaseg.data.drive import read_binary
 from retinaseg.errors import DataError, exit_on_user_error
 from retinaseg.inference import flip_averaged
@@ -126,7 +126,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Segment every photograph of `cfg.input` into `cfg.output_dir`; return the masks written."""
     photos = photographs(cfg.input)
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    mean, std = normalisation(checkpoint)
+    mean, std, clahe = normalisation(checkpoint)
     module = build_module(checkpoint, OmegaConf.to_container(cfg.inference)).to(resolve_device(cfg.device))
     threshold = module.hparams.threshold if cfg.threshold is None else float(cfg.threshold)
     fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
@@ -138,7 +138,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     for photo in track(photos, description="segmenting", disable=len(photos) == 1):
         image = read_photograph(photo)
         fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
-        x = normalize(image, mean, std)[None].to(module.device)
+        x = normalize(equalize_contrast(image) if clahe else image, mean, std)[None].to(module.device)
         prob = flip_averaged(module.predict_probabilities, x) if cfg.tta else module.predict_probabilities(x)
         prob = prob[0, 0].cpu().numpy() * fov
         mask = prob > threshold

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from retinaseg.checkpoint import load_checkpoint
+from retinaseg.checkpoint import build_module, load_checkpoint
+from retinaseg.data.datamodule import equalize_contrast, normalize
 from retinaseg.data.drive import read_drive
 from retinaseg.errors import DataError
 from retinaseg.predict import estimate_fov, predict
@@ -90,6 +91,26 @@ def test_estimated_fov_matches_drive_masks(test_samples):
         fov = estimate_fov(s.image)
         assert (fov & s.fov).sum() / (fov | s.fov).sum() > 0.98
     assert estimate_fov(np.full((50, 60, 3), 120, np.uint8)).all()  # no dark border: all of it
+
+
+def test_predict_equalises_photographs_like_the_checkpoint_was_trained(drive_checkpoint, test_samples, tmp_path):
+    """A checkpoint trained with data.clahe=true gets its photographs contrast-equalised in predict too."""
+    checkpoint = load_checkpoint(drive_checkpoint)
+    checkpoint["datamodule_hyper_parameters"]["clahe"] = True
+    torch.save(checkpoint, tmp_path / "clahe.ckpt")
+    image = test_samples[0].image
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    for name in ("clahe", "plain"):
+        ckpt = tmp_path / "clahe.ckpt" if name == "clahe" else drive_checkpoint
+        predict(compose_config("predict", [f"ckpt_path={ckpt}", f"input={tmp_path / 'photo.png'}", f"output_dir={tmp_path / name}"], tmp_path))
+    module = build_module(checkpoint, {})
+    mean, std = checkpoint["datamodule_hyper_parameters"]["mean"], checkpoint["datamodule_hyper_parameters"]["std"]
+    with torch.no_grad():
+        expected = module.predict_probabilities(normalize(equalize_contrast(image), mean, std)[None])[0, 0].numpy()
+    fov = estimate_fov(image)
+    got = read(tmp_path / "clahe" / "photo_prob.png").astype(float) / 255
+    assert np.abs(got - expected * fov).max() <= 0.5 / 255 + 1e-6
+    assert not np.array_equal(read(tmp_path / "clahe" / "photo_prob.png"), read(tmp_path / "plain" / "photo_prob.png"))
 
 
 def test_predict_errors_are_clear(drive_checkpoint, photo_folder, tmp_path):

@@ -1,5 +1,6 @@
 """LightningDataModule: random FOV-centred training patches, whole images for validation and test."""
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -27,6 +28,18 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     """(H, W, 3) uint8 -> (3, H, W) float32, scaled to [0, 1] then standardised per channel."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
     return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+
+
+def equalize_contrast(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with CLAHE applied to its lightness (CIE L*), colours kept.
+
+    Contrast-limited histogram equalisation evens out the uneven illumination of fundus photographs and
+    sharpens thin vessels against the background (as the gray-level CLAHE of orobix's retina-unet).
+    It works on whole images: equalising a patch alone would give it another contrast.
+    """
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(np.ascontiguousarray(lab[..., 0]))
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
 def augmentations(patch_size: int) -> A.Compose:
@@ -194,6 +207,7 @@ class FundusDataModule(L.LightningDataModule):
         augment: bool = True,
         mean: Sequence[float] = (0.0, 0.0, 0.0),
         std: Sequence[float] = (1.0, 1.0, 1.0),
+        clahe: bool = False,
         seed: int = 0,
         synthetic_images: int = 20,
         synthetic_size: Sequence[int] = (584, 565),
@@ -214,12 +228,17 @@ class FundusDataModule(L.LightningDataModule):
         self.resume_at = (0, 0)
 
     def load_split(self, split: str) -> list[Sample]:
+        """The split's samples, contrast-equalised when `clahe` is set."""
         hp = self.hparams
         if hp.source == "synthetic":
             # Distinct seeds keep the synthetic test images apart from the training ones.
             seed = hp.seed if split == "training" else hp.seed + 1_000_003
-            return synthetic_samples(hp.synthetic_images, seed=seed, height=hp.synthetic_size[0], width=hp.synthetic_size[1])
-        return read_drive(hp.root, split)
+            samples = synthetic_samples(hp.synthetic_images, seed=seed, height=hp.synthetic_size[0], width=hp.synthetic_size[1])
+        else:
+            samples = read_drive(hp.root, split)
+        if hp.clahe:
+            samples = [dataclasses.replace(s, image=equalize_contrast(s.image)) for s in samples]
+        return samples
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
