@@ -54,13 +54,13 @@ def test_failing_jobs_are_reported_with_their_overrides_and_the_sweep_goes_on(tm
 
 def test_optuna_study_of_two_trials_kept_in_its_storage(tmp_path):
     sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
-    # TINY_SYNTHETIC fixes base channels, patch and batch size: the study searches lr and loss.
+    # TINY_SYNTHETIC fixes base channels, patch and batch size: the study searches lr, loss and CLAHE.
     args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep}"]
     result = run_module(args + TINY_SYNTHETIC, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     trials = [dict(arg.split("=", 1) for arg in overrides(sweep / str(job))) for job in (0, 1)]
-    assert all({"model.lr", "model.loss"} <= set(trial) and trial["model.base_channels"] == "4" for trial in trials)
+    assert all({"model.lr", "model.loss", "data.clahe"} <= set(trial) and trial["model.base_channels"] == "4" for trial in trials)
     assert trials[0]["model.lr"] != trials[1]["model.lr"]
 
     study = optuna.load_study(study_name="retinaseg", storage=storage)
