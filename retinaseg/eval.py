@@ -20,7 +20,6 @@ from retinaseg.checkpoint import build_module, load_checkpoint, resolve_device
 from retinaseg.data.datamodule import FundusDataModule, normalize
 from retinaseg.data.sample import Sample
 from retinaseg.errors import DataError, exit_on_user_error
-from retinaseg.inference import flip_averaged
 from retinaseg.metrics import REPORTED, FOVMetrics, reported
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.train import instantiate_group
@@ -52,8 +51,7 @@ def predict_samples(module: VesselSegmentationModule, samples: list[Sample], mea
     probs = {}
     for sample in track(samples, description=f"predicting {what}", transient=True):
         image = normalize(sample.image, mean, std)[None].to(device)
-        prob = flip_averaged(module.predict_probabilities, image) if tta else module.predict_probabilities(image)
-        probs[sample.id] = prob[0, 0].cpu().numpy()
+        probs[sample.id] = module.predict_probabilities(image, tta)[0, 0].cpu().numpy()
     return probs
 
 

@@ -3,7 +3,7 @@
 import lightning as L
 import torch
 
-from retinaseg.inference import predict_probabilities
+from retinaseg.inference import flip_averaged, predict_probabilities
 from retinaseg.losses import SegmentationLoss
 from retinaseg.metrics import FOVMetrics
 from retinaseg.model import UNet
@@ -53,8 +53,11 @@ class VesselSegmentationModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def predict_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Vessel probabilities (N, 1, H, W) of whole images, by the configured inference mode."""
+    def predict_probabilities(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Vessel probabilities (N, 1, H, W) of whole images, by the configured inference mode; with `tta`,
+        averaged over the images and their flips."""
+        if tta:
+            return flip_averaged(self.predict_probabilities, images)
         return predict_probabilities(self, images, **self.inference)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -19,7 +19,6 @@ from retinaseg.checkpoint import build_module, load_checkpoint, normalisation, r
 from retinaseg.data.datamodule import equalize_contrast, normalize
 from retinaseg.data.drive import read_binary
 from retinaseg.errors import DataError, exit_on_user_error
-from retinaseg.inference import flip_averaged
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +138,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         image = read_photograph(photo)
         fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
         x = normalize(equalize_contrast(image) if clahe else image, mean, std)[None].to(module.device)
-        prob = flip_averaged(module.predict_probabilities, x) if cfg.tta else module.predict_probabilities(x)
-        prob = prob[0, 0].cpu().numpy() * fov
+        prob = module.predict_probabilities(x, cfg.tta)[0, 0].cpu().numpy() * fov
         mask = prob > threshold
         Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(output_dir / f"{photo.stem}_prob.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(output_dir / f"{photo.stem}_mask.png")

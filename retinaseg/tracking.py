@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
+from retinaseg.plots import displayable
+
 log = logging.getLogger(__name__)
 
 # Where a checkpoint keeps the id of the W&B run that wrote it.
@@ -142,10 +144,10 @@ class WandbPredictionImages(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or self._logger(trainer) is None:
             return
         for i in range(min(len(outputs["probs"]), self.num_images - len(self.images))):
-            predicted = (outputs["probs"][i, 0] >= pl_module.hparams.threshold) & batch["fov"][i, 0].bool()
+            predicted = (outputs["probs"][i, 0] > pl_module.hparams.threshold) & batch["fov"][i, 0].bool()
             self.images.append(
                 {
-                    "image": display_image(batch["image"][i]),
+                    "image": np.round(displayable(batch["image"][i]) * 255).astype(np.uint8),
                     "caption": batch["id"][i],
                     "masks": {
                         "prediction": {"mask_data": predicted.byte().cpu().numpy(), "class_labels": MASK_CLASSES},
@@ -171,9 +173,3 @@ class WandbPredictionImages(L.Callback):
         if logger is not None and logger.version is not None:
             checkpoint[RUN_ID_KEY] = logger.version
 
-
-def display_image(image: torch.Tensor) -> np.ndarray:
-    """A standardised (3, H, W) image as (H, W, 3) uint8, stretched to the full range for display."""
-    low, high = image.min(), image.max()
-    pixels = (image.float() - low) / (high - low).clamp_min(1e-8) * 255
-    return pixels.round().byte().permute(1, 2, 0).cpu().numpy()
