@@ -131,7 +131,9 @@ def benchmark(cfg: DictConfig) -> dict:
     best: dict[tuple[str, str], float] = {}
     for _ in range(cfg.rounds):
         for loop, prec in variants:
-            seconds = plain_loop(cfg, loader, prec, device) if loop == "plain" else lightning_loop(cfg, datamodule, prec)
+            seconds = (
+                plain_loop(cfg, loader, prec, device) if loop == "plain" else lightning_loop(cfg, datamodule, prec)
+            )
             best[(loop, prec)] = min(seconds, best.get((loop, prec), float("inf")))
     training = [
         {"loop": loop, "precision": prec, "seconds": s, "patches_per_s": patches / s, "pixels_per_s": pixels / s}
@@ -141,17 +143,34 @@ def benchmark(cfg: DictConfig) -> dict:
     for row in training:
         row["speedup_vs_plain_fp32"] = baseline / row["seconds"] if baseline else None
     inference = [
-        {"mode": mode, "precision": precisions[-1], "seconds_per_image": inference_seconds(cfg, datamodule, mode, precisions[-1], device)}
+        {
+            "mode": mode,
+            "precision": precisions[-1],
+            "seconds_per_image": inference_seconds(cfg, datamodule, mode, precisions[-1], device),
+        }
         for mode in cfg.inference_modes
     ]
     for row in inference:
         row["seconds_for_20_images"] = 20 * row["seconds_per_image"]
     return {
-        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "settings": {"base_channels": cfg.model.base_channels, "depth": cfg.model.depth, "patch_size": cfg.data.patch_size,
-                     "batch_size": cfg.data.batch_size, "steps": cfg.steps, "rounds": cfg.rounds, "source": cfg.data.source,
-                     "inference": OmegaConf.to_container(cfg.model.inference)},
+        "machine": {
+            "device": torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "settings": {
+            "base_channels": cfg.model.base_channels,
+            "depth": cfg.model.depth,
+            "patch_size": cfg.data.patch_size,
+            "batch_size": cfg.data.batch_size,
+            "steps": cfg.steps,
+            "rounds": cfg.rounds,
+            "source": cfg.data.source,
+            "inference": OmegaConf.to_container(cfg.model.inference),
+        },
         "training": training,
         "inference": inference,
     }
@@ -161,10 +180,14 @@ def table(result: dict) -> str:
     lines = ["loop       precision    patches/s   Mpixels/s   vs plain fp32"]
     for row in result["training"]:
         ratio = f"{row['speedup_vs_plain_fp32']:.2f}x" if row["speedup_vs_plain_fp32"] else "-"
-        lines.append(f"{row['loop']:<10} {row['precision']:<12} {row['patches_per_s']:>9.1f}   {row['pixels_per_s'] / 1e6:>9.3f}   {ratio:>13}")
+        lines.append(
+            f"{row['loop']:<10} {row['precision']:<12} {row['patches_per_s']:>9.1f}   {row['pixels_per_s'] / 1e6:>9.3f}   {ratio:>13}"
+        )
     lines.append("inference  precision    s/image     s/20 images")
     for row in result["inference"]:
-        lines.append(f"{row['mode']:<10} {row['precision']:<12} {row['seconds_per_image']:>7.3f}     {row['seconds_for_20_images']:>7.1f}")
+        lines.append(
+            f"{row['mode']:<10} {row['precision']:<12} {row['seconds_per_image']:>7.3f}     {row['seconds_for_20_images']:>7.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -173,7 +196,13 @@ def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         result = benchmark(cfg)
     Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")
-    log.info("benchmark on %s, settings %s\n%s\nwritten to %s", result["machine"], result["settings"], table(result), cfg.output)
+    log.info(
+        "benchmark on %s, settings %s\n%s\nwritten to %s",
+        result["machine"],
+        result["settings"],
+        table(result),
+        cfg.output,
+    )
 
 
 if __name__ == "__main__":

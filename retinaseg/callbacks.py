@@ -35,17 +35,21 @@ class PlotsCallback(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.rows = []
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         for i in range(len(outputs["probs"])):
             if len(self.rows) == self.num_images:
                 return
-            self.rows.append({
-                "id": batch["id"][i],
-                "image": batch["image"][i].cpu(),
-                "label": batch["label"][i, 0].cpu().numpy(),
-                "fov": batch["fov"][i, 0].cpu().numpy(),
-                "prob": outputs["probs"][i, 0].float().cpu().numpy(),
-            })
+            self.rows.append(
+                {
+                    "id": batch["id"][i],
+                    "image": batch["image"][i].cpu(),
+                    "label": batch["label"][i, 0].cpu().numpy(),
+                    "fov": batch["fov"][i, 0].cpu().numpy(),
+                    "prob": outputs["probs"][i, 0].float().cpu().numpy(),
+                }
+            )
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.rows:

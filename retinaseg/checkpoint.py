@@ -1,57 +1,156 @@
-"""Loading a trained model from a retinaseg checkpoint, without executing pickled code."""
+"""Reading a model file once, without executing pickled code, and rebuilding its model.
 
+Two kinds of file are read: a retinaseg checkpoint (`python -m retinaseg.train` writes them; they carry
+the model's and the data's settings), and a plain U-Net state_dict such as the original notebook's
+`torch.save(model.state_dict(), "unet.pth")`, read with the original's preprocessing.
+"""
+
+import logging
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from retinaseg.errors import DataError
+from retinaseg.model import UNet, rename_legacy_keys
 from retinaseg.module import VesselSegmentationModule
+
+log = logging.getLogger(__name__)
 
 # A key every retinaseg U-Net has: how a retinaseg checkpoint is told from any other.
 MARKER_KEY = "net.e1.conv_block.conv1.weight"
+# The original notebook's preprocessing: RGB scaled to [0, 1], no standardisation, no CLAHE.
+ORIGINAL_DATA = {"source": "drive", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "clahe": False}
+WHAT_TO_PASS = (
+    "Pass a .ckpt written by `python -m retinaseg.train`, or a U-Net state_dict "
+    '(`torch.save(model.state_dict(), "unet.pth")` of the original notebook).'
+)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """The checkpoint at `path` as a dict, loaded with `weights_only=True` (tensors and plain values only)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model file, read once.
+
+    hyper_parameters: VesselSegmentationModule's constructor arguments (plain values).
+    data: the data module's settings the model was trained with (at least mean, std and clahe).
+    state_dict: VesselSegmentationModule's weights (keys `net.*`), in the current key names.
+    from_state_dict: True for a plain U-Net state_dict, which records no training split or threshold.
+    """
+
+    path: Path
+    hyper_parameters: dict
+    data: dict
+    state_dict: dict
+    from_state_dict: bool = False
+
+    def build_module(self, inference: dict | None = None) -> VesselSegmentationModule:
+        """The model in eval mode, built from the checkpoint's own hyperparameters.
+
+        `inference` entries that are not None replace the checkpoint's inference settings; compilation is
+        switched off (a one-off evaluation would spend longer compiling than predicting).
+        """
+        hparams = {**self.hyper_parameters, "compile": False}
+        overrides = {k: v for k, v in (inference or {}).items() if v is not None}
+        hparams["inference"] = {**(hparams.get("inference") or {}), **overrides}
+        module = VesselSegmentationModule(**hparams)
+        try:
+            module.load_state_dict(self.state_dict)
+        except RuntimeError as error:
+            raise DataError(
+                f"the weights of {self.path} do not fit the model its hyper_parameters describe: {error}"
+            ) from None
+        return module.eval()
+
+    def normalisation(self) -> tuple[list[float], list[float], bool]:
+        """The per-channel mean and std the model was trained with, and whether its images were contrast-equalised."""
+        return list(self.data["mean"]), list(self.data["std"]), bool(self.data.get("clahe", False))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """The model file at `path`, loaded with `weights_only=True` (tensors and plain values only).
+
+    Keys from before the decoder's `up_conv` kept the original's name are renamed, with a log line.
+    """
     if path is None or str(path) == "":
         raise DataError("ckpt_path is not set: pass ckpt_path=<file.ckpt> (e.g. <run dir>/checkpoints/best.ckpt).")
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"ckpt_path={path}: no such file (or not a file). Pass a .ckpt written by `python -m retinaseg.train`.")
+        raise DataError(f"ckpt_path={path}: no such file (or not a file). {WHAT_TO_PASS}")
     if not zipfile.is_zipfile(path):
-        raise DataError(f"{path} is not a PyTorch checkpoint (not the zip archive torch.save writes), or it is truncated. Pass a .ckpt written by `python -m retinaseg.train`.")
+        raise DataError(
+            f"{path} is not a PyTorch file (not the zip archive torch.save writes), or it is truncated. {WHAT_TO_PASS}"
+        )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses objects whose unpickling could run code; name the first one instead of loading it.
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = f" ({found.group(1)})" if found else ""
-        raise DataError(f"{path} holds pickled objects other than tensors and plain values{what}, so it is not loaded and nothing in it was run.") from None
+        raise DataError(
+            f"{path} holds pickled objects other than tensors and plain values{what}, so it is not loaded and nothing in it was run."
+        ) from None
     except Exception as error:  # torch reports damaged archives as RuntimeError, OSError, EOFError, ...
-        raise DataError(f"{path} is a damaged PyTorch checkpoint: {error}") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or MARKER_KEY not in state or not isinstance(checkpoint.get("hyper_parameters"), dict):
-        raise DataError(f"{path} is not a retinaseg checkpoint (no U-Net weights and hyper_parameters in it). Pass a .ckpt written by `python -m retinaseg.train`.")
+        raise DataError(f"{path} is a damaged PyTorch file: {error}") from None
+    checkpoint = _retinaseg_checkpoint(path, content) or _unet_state_dict(path, content)
+    if checkpoint is None:
+        raise DataError(f"{path} is neither a retinaseg checkpoint nor a state_dict of the U-Net. {WHAT_TO_PASS}")
+    renamed = rename_legacy_keys(checkpoint.state_dict)
+    if renamed:
+        log.info(
+            "%s: renamed %d decoder keys `up.*` to the original's `up_conv.*` (written before that rename)",
+            path,
+            renamed,
+        )
     return checkpoint
 
 
-def build_module(checkpoint: dict, inference: dict | None = None) -> VesselSegmentationModule:
-    """The checkpoint's model in eval mode, built from its own hyperparameters.
+def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
+    if not isinstance(content, dict):
+        return None
+    state, hparams = content.get("state_dict"), content.get("hyper_parameters")
+    if not isinstance(state, dict) or MARKER_KEY not in state or not isinstance(hparams, dict):
+        return None
+    data = content.get("datamodule_hyper_parameters") or {}
+    if "mean" not in data or "std" not in data:
+        raise DataError(
+            f"{path} has no data.mean/data.std (datamodule_hyper_parameters): it was not written by `python -m retinaseg.train`."
+        )
+    return Checkpoint(path, hparams, data, state)
 
-    `inference` entries that are not None replace the checkpoint's inference settings; compilation is
-    switched off (a one-off evaluation would spend longer compiling than predicting).
-    """
-    hparams = {**checkpoint["hyper_parameters"], "compile": False}
-    hparams["inference"] = {**(hparams.get("inference") or {}), **{k: v for k, v in (inference or {}).items() if v is not None}}
-    module = VesselSegmentationModule(**hparams)
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise DataError(f"the checkpoint's weights do not fit the model its hyper_parameters describe: {error}") from None
-    return module.eval()
+
+def _unet_state_dict(path: Path, content) -> Checkpoint | None:
+    """A plain state_dict of `retinaseg.model.UNet` (the original's `build_unet` has the same keys), of any
+    width and depth, read with the original's preprocessing and threshold 0.5; None if it is not one."""
+    if not isinstance(content, dict) or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        return None
+    state = dict(content)
+    rename_legacy_keys(state)
+    first = state.get("e1.conv_block.conv1.weight")
+    if first is None or first.ndim != 4:
+        return None
+    size = {
+        "in_channels": first.shape[1],
+        "base_channels": first.shape[0],
+        "depth": len({key.split(".")[0] for key in state if re.match(r"e\d+\.", key)}),
+    }
+    expected = UNet(
+        in_channels=size["in_channels"], base_channels=size["base_channels"], depth=size["depth"]
+    ).state_dict()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        return None
+    log.info(
+        "%s is a plain U-Net state_dict: read as the U-Net with %s, the original notebook's preprocessing "
+        "(RGB scaled to [0, 1], no standardisation, no CLAHE) and threshold 0.5",
+        path,
+        ", ".join(f"{k}={v}" for k, v in size.items()),
+    )
+    hparams = {**size, "threshold": 0.5}
+    return Checkpoint(
+        path, hparams, dict(ORIGINAL_DATA), {f"net.{k}": v for k, v in content.items()}, from_state_dict=True
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,12 +161,3 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as error:
         raise DataError(f"device={device!r} is not a device: {error}. Use auto, cpu, cuda or cuda:<n>.") from None
-
-
-def normalisation(checkpoint: dict) -> tuple[list[float], list[float], bool]:
-    """The per-channel mean and std the checkpoint's model was trained with (its data.mean, data.std), and
-    whether its images were contrast-equalised (data.clahe)."""
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    if "mean" not in data or "std" not in data:
-        raise DataError("the checkpoint has no data.mean/data.std (datamodule_hyper_parameters): it was not written by `python -m retinaseg.train`.")
-    return list(data["mean"]), list(data["std"]), bool(data.get("clahe", False))

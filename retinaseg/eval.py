@@ -16,7 +16,7 @@ from rich.progress import track
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
 from retinaseg import plots
-from retinaseg.checkpoint import build_module, load_checkpoint, resolve_device
+from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data.datamodule import FundusDataModule, normalize
 from retinaseg.data.sample import Sample
 from retinaseg.errors import DataError, exit_on_user_error
@@ -28,24 +28,39 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
 # Columns of the printed table (recall is sensitivity under its other name).
-TABLE = (("F1", "f1"), ("AUC", "auc"), ("Acc", "accuracy"), ("Sens", "sensitivity"), ("Spec", "specificity"), ("Prec", "precision"), ("IoU", "iou"))
+TABLE = (
+    ("F1", "f1"),
+    ("AUC", "auc"),
+    ("Acc", "accuracy"),
+    ("Sens", "sensitivity"),
+    ("Spec", "specificity"),
+    ("Prec", "precision"),
+    ("IoU", "iou"),
+)
 
 
-def data_settings(checkpoint: dict, overrides: dict) -> dict:
+def data_settings(checkpoint: Checkpoint, overrides: dict) -> dict:
     """The checkpoint's data settings with the non-null `overrides`; a DRIVE path that does not exist
-    here (a checkpoint from another machine) is replaced by $DRIVE_ROOT unless data.root is given."""
-    settings = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    if not settings:
-        raise DataError("the checkpoint has no data settings (datamodule_hyper_parameters): it was not written by `python -m retinaseg.train`.")
+    here (a checkpoint from another machine, or none recorded) is replaced by $DRIVE_ROOT unless data.root is given."""
+    settings = dict(checkpoint.data)
     settings.update({key: value for key, value in overrides.items() if value is not None})
     env_root = os.environ.get("DRIVE_ROOT")
-    if settings["source"] == "drive" and overrides.get("root") is None and not Path(str(settings["root"])).exists() and env_root:
-        log.info("the checkpoint's data.root %s does not exist here; using DRIVE_ROOT=%s", settings["root"], env_root)
+    if (
+        settings["source"] == "drive"
+        and overrides.get("root") is None
+        and not Path(str(settings.get("root"))).exists()
+        and env_root
+    ):
+        log.info(
+            "the checkpoint's data.root %s does not exist here; using DRIVE_ROOT=%s", settings.get("root"), env_root
+        )
         settings["root"] = env_root
     return settings
 
 
-def predict_samples(module: VesselSegmentationModule, samples: list[Sample], mean, std, tta: bool, what: str) -> dict[str, np.ndarray]:
+def predict_samples(
+    module: VesselSegmentationModule, samples: list[Sample], mean, std, tta: bool, what: str
+) -> dict[str, np.ndarray]:
     """Probability map (H, W) float32 of each sample, by id."""
     device = module.device
     probs = {}
@@ -104,19 +119,31 @@ def score(probs: dict[str, np.ndarray], samples: list[Sample], threshold: float)
 
 def table(metrics: dict) -> str:
     """The printed summary: one row per scoring, one column per metric."""
-    rows = [("model", metrics), ("model, mean per image", metrics["per_image_mean"]), ("model, whole image", metrics["whole_image"])]
+    rows = [
+        ("model", metrics),
+        ("model, mean per image", metrics["per_image_mean"]),
+        ("model, whole image", metrics["whole_image"]),
+    ]
     if "second_observer" in metrics:
-        rows += [("second observer", metrics["second_observer"]), ("second obs., whole image", metrics["second_observer"]["whole_image"])]
+        rows += [
+            ("second observer", metrics["second_observer"]),
+            ("second obs., whole image", metrics["second_observer"]["whole_image"]),
+        ]
     lines = [
         f"{metrics['split']} split, {metrics['n_images']} images, threshold {metrics['threshold']:.4f} ({metrics['threshold_from']}), "
         f"FOV pixels pooled unless noted{', flip TTA' if metrics['tta'] else ''}",
         f"{'':<26}" + "".join(f"{name:>8}" for name, _ in TABLE),
     ]
-    lines += [f"{name:<26}" + "".join(f"{values[key]:>8.4f}" if key in values else f"{'-':>8}" for _, key in TABLE) for name, values in rows]
+    lines += [
+        f"{name:<26}" + "".join(f"{values[key]:>8.4f}" if key in values else f"{'-':>8}" for _, key in TABLE)
+        for name, values in rows
+    ]
     return "\n".join(lines)
 
 
-def write_outputs(output_dir: Path, metrics: dict, per_image: list[dict], probs: dict[str, np.ndarray], samples: list[Sample]) -> None:
+def write_outputs(
+    output_dir: Path, metrics: dict, per_image: list[dict], probs: dict[str, np.ndarray], samples: list[Sample]
+) -> None:
     """metrics.json, per_image.csv, probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -131,7 +158,9 @@ def write_outputs(output_dir: Path, metrics: dict, per_image: list[dict], probs:
         Image.fromarray(mask.astype(np.uint8) * 255).save(output_dir / "predictions" / f"{s.id}.png")
 
 
-def draw_plots(output_dir: Path, metrics: dict, probs: dict[str, np.ndarray], samples: list[Sample], num_images: int) -> dict[str, Path]:
+def draw_plots(
+    output_dir: Path, metrics: dict, probs: dict[str, np.ndarray], samples: list[Sample], num_images: int
+) -> dict[str, Path]:
     """plots/roc_pr.png of the split and plots/predictions.png of its first `num_images` images (none for 0)."""
     threshold = metrics["threshold"]
     points = {f"model at threshold {threshold:.3g}": metrics}
@@ -140,9 +169,16 @@ def draw_plots(output_dir: Path, metrics: dict, probs: dict[str, np.ndarray], sa
     fov_probs = torch.cat([torch.from_numpy(probs[s.id][s.fov]) for s in samples])
     fov_labels = torch.cat([torch.from_numpy(s.label[s.fov]) for s in samples])
     title = f"{metrics['split']} split, {len(samples)} images, FOV pixels pooled"
-    figures = {"plots/roc_pr": plots.roc_pr_curves(fov_probs, fov_labels, metrics["auc"], points, output_dir / "plots" / "roc_pr.png", title)}
+    figures = {
+        "plots/roc_pr": plots.roc_pr_curves(
+            fov_probs, fov_labels, metrics["auc"], points, output_dir / "plots" / "roc_pr.png", title
+        )
+    }
     if num_images > 0:
-        rows = [{"id": s.id, "image": s.image, "label": s.label, "fov": s.fov, "prob": probs[s.id]} for s in samples[:num_images]]
+        rows = [
+            {"id": s.id, "image": s.image, "label": s.label, "fov": s.fov, "prob": probs[s.id]}
+            for s in samples[:num_images]
+        ]
         figures["plots/predictions"] = plots.results_grid(rows, threshold, output_dir / "plots" / "predictions.png")
     return figures
 
@@ -152,9 +188,13 @@ def log_to_loggers(cfg: DictConfig, metrics: dict, figures: dict[str, Path]) -> 
     split = metrics["split"]
     flat = {f"{split}/{key}": metrics[key] for key in (*REPORTED, "threshold")}
     for group in ("per_image_mean", "whole_image", "second_observer"):
-        flat.update({f"{split}/{group}/{key}": metrics[group][key] for key in REPORTED if key in metrics.get(group, {})})
+        flat.update(
+            {f"{split}/{group}/{key}": metrics[group][key] for key in REPORTED if key in metrics.get(group, {})}
+        )
     for logger in instantiate_group(cfg.get("logger")):
-        logger.log_hyperparams({key: metrics[key] for key in ("checkpoint", "split", "threshold_from", "tta", "inference")})
+        logger.log_hyperparams(
+            {key: metrics[key] for key in ("checkpoint", "split", "threshold_from", "tta", "inference")}
+        )
         logger.log_metrics(flat, step=0)
         plots.log_images([logger], figures)
         logger.save()
@@ -166,18 +206,27 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {cfg.split!r}")
     threshold = cfg.threshold
-    if threshold != "val" and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1):
+    if threshold != "val" and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1
+    ):
         raise DataError(f"threshold must be a number in [0, 1] or 'val', got {threshold!r}")
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    module = build_module(checkpoint, OmegaConf.to_container(cfg.inference)).to(resolve_device(cfg.device))
+    if checkpoint.from_state_dict and (threshold == "val" or cfg.split == "val"):
+        raise DataError(
+            f"{checkpoint.path} is a plain state_dict, which does not record the images its training held out for "
+            "validation: score it on split=test with a fixed threshold (threshold=0.5, the original's)."
+        )
+    module = checkpoint.build_module(OmegaConf.to_container(cfg.inference)).to(resolve_device(cfg.device))
     settings = data_settings(checkpoint, OmegaConf.to_container(cfg.data))
     data = FundusDataModule(**settings)
 
     val_probs = None
     if threshold == "val" or cfg.split == "val":
         data.setup("validate")  # the training images only: test labels are not read to choose the threshold
-        val_probs = predict_samples(module, data.val_samples, settings["mean"], settings["std"], cfg.tta, "validation images")
+        val_probs = predict_samples(
+            module, data.val_samples, settings["mean"], settings["std"], cfg.tta, "validation images"
+        )
     if threshold == "val":
         threshold = best_f1_threshold(val_probs, data.val_samples)
         log.info("threshold %.4f maximises F1 on the %d validation images", threshold, len(data.val_samples))

@@ -1,8 +1,23 @@
 """The seed project's U-Net, with its module names kept so original weights load unchanged."""
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Checkpoints written before the decoder's transposed conv took the original's name (`up_conv`) hold it as
+# `d<i>.up.weight` / `d<i>.up.bias` (with any prefix, e.g. `net.` in a LightningModule's state_dict).
+LEGACY_DECODER_KEY = re.compile(r"((?:^|\.)d\d+)\.up\.(weight|bias)$")
+
+
+def rename_legacy_keys(state_dict: dict) -> int:
+    """Rename, in place, the keys of a state_dict written before `up_conv` kept the original's name;
+    return how many were renamed (0 for a current state_dict)."""
+    old = [key for key in state_dict if LEGACY_DECODER_KEY.search(key)]
+    for key in old:
+        state_dict[LEGACY_DECODER_KEY.sub(r"\1.up_conv.\2", key)] = state_dict.pop(key)
+    return len(old)
 
 
 class ConvBlock(nn.Module):
@@ -45,11 +60,12 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        # `up_conv`, as in the original, so its state_dict keys (`d1.up_conv.weight`, ...) are ours.
+        self.up_conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
         self.conv_block = ConvBlock(out_channels * 2, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)
+        x = self.up_conv(x)
         skip = center_crop(skip, x.shape[-2], x.shape[-1])
         return self.conv_block(torch.cat([x, skip], dim=1))
 

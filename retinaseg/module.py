@@ -1,12 +1,16 @@
 """LightningModule: the U-Net, its loss, the optimizer, and FOV-masked metrics for every split."""
 
+import logging
+
 import lightning as L
 import torch
 
 from retinaseg.inference import flip_averaged, predict_probabilities
 from retinaseg.losses import SegmentationLoss
 from retinaseg.metrics import FOVMetrics
-from retinaseg.model import UNet
+from retinaseg.model import UNet, rename_legacy_keys
+
+log = logging.getLogger(__name__)
 
 DEFAULT_INFERENCE = {"mode": "whole", "window": 256, "overlap": 0.25, "batch_size": 4, "weighting": "gaussian"}
 
@@ -96,6 +100,15 @@ class VesselSegmentationModule(L.LightningModule):
         values = metrics.compute()
         self.log_dict(values, prog_bar=prog_bar)
         metrics.reset()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning reads a resumed run's checkpoint itself (not through retinaseg.checkpoint), then loads
+        # its state_dict after this hook.
+        renamed = rename_legacy_keys(checkpoint["state_dict"])
+        if renamed:
+            log.info(
+                "renamed %d decoder keys `up.*` to the original's `up_conv.*` (written before that rename)", renamed
+            )
 
     def configure_optimizers(self):
         hp = self.hparams

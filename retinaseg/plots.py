@@ -100,7 +100,11 @@ def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path) ->
     for ax_row, row in zip(axes, rows):
         label, fov = np.asarray(row["label"]).astype(bool), np.asarray(row["fov"]).astype(bool)
         prediction = (np.asarray(row["prob"]) > threshold) & fov
-        tp, fp, fn = (prediction & label & fov).sum(), (prediction & ~label & fov).sum(), (~prediction & label & fov).sum()
+        tp, fp, fn = (
+            (prediction & label & fov).sum(),
+            (prediction & ~label & fov).sum(),
+            (~prediction & label & fov).sum(),
+        )
         f1 = 2 * tp / max(2 * tp + fp + fn, 1)
         panels = (displayable(row["image"]), label, prediction, error_map(prediction, label, fov))
         titles = (str(row["id"]), "label", f"prediction (F1 {f1:.3f})", "errors")
@@ -108,7 +112,10 @@ def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path) ->
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
             ax.set_title(title, fontsize=10)
             ax.axis("off")
-    legend = [Patch(color=np.array(c) / 255, label=name) for c, name in ((TP_COLOUR, "true positive"), (FP_COLOUR, "false positive"), (FN_COLOUR, "false negative"))]
+    legend = [
+        Patch(color=np.array(c) / 255, label=name)
+        for c, name in ((TP_COLOUR, "true positive"), (FP_COLOUR, "false positive"), (FN_COLOUR, "false negative"))
+    ]
     fig.legend(handles=legend, loc="outside lower center", ncols=3, facecolor="0.8")
     fig.suptitle(f"Image | label | prediction at threshold {threshold:.3g} | errors inside the FOV")
     return save(fig, path)
@@ -120,7 +127,14 @@ def _thin(*curves: torch.Tensor) -> list[np.ndarray]:
     return [c[index].numpy() for c in curves]
 
 
-def roc_pr_curves(probs: torch.Tensor, labels: torch.Tensor, auc: float, points: Mapping[str, Mapping[str, float]], path: str | Path, title: str) -> Path:
+def roc_pr_curves(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    auc: float,
+    points: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    title: str,
+) -> Path:
     """ROC and precision-recall curves of pooled pixels, with operating points marked.
 
     `points` maps a name (e.g. "model at 0.5", "second observer") to its sensitivity, specificity and precision.

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 
-from retinaseg.checkpoint import build_module, load_checkpoint, normalisation, resolve_device
+from retinaseg.checkpoint import load_checkpoint, resolve_device
 from retinaseg.data.datamodule import equalize_contrast, normalize
 from retinaseg.data.drive import read_binary
 from retinaseg.errors import DataError, exit_on_user_error
@@ -42,7 +42,10 @@ def read_photograph(path: Path) -> np.ndarray:
     elif image.dtype != np.uint8:
         raise DataError(f"{path} has {image.dtype} pixels; only 8- and 16-bit images are read.")
     if image.ndim == 2 or image.shape[2] == 1:
-        log.warning("%s is grayscale: its channel is used as red, green and blue (the model was trained on colour photographs)", path.name)
+        log.warning(
+            "%s is grayscale: its channel is used as red, green and blue (the model was trained on colour photographs)",
+            path.name,
+        )
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
         log.warning("%s has an alpha channel, which is ignored", path.name)
@@ -62,7 +65,9 @@ def estimate_fov(image: np.ndarray) -> np.ndarray:
     if contours:
         cv2.drawContours(fov, [max(contours, key=cv2.contourArea)], -1, 1, thickness=cv2.FILLED)
     if fov.mean() < 0.1:
-        log.warning("no field of view stands out from a dark border; the whole image is used (pass fov=<mask> to set it)")
+        log.warning(
+            "no field of view stands out from a dark border; the whole image is used (pass fov=<mask> to set it)"
+        )
         return np.ones(bright.shape, bool)
     return fov.astype(bool)
 
@@ -76,19 +81,25 @@ def photographs(input_path: str | None) -> list[Path]:
         raise DataError(f"input={path}: no such file or folder.")
     if path.is_file():
         if path.suffix.lower() not in PHOTO_SUFFIXES:
-            raise DataError(f"input={path} is not a PNG, JPEG, TIFF or PPM file (by its name); pass a photograph or a folder of them.")
+            raise DataError(
+                f"input={path} is not a PNG, JPEG, TIFF or PPM file (by its name); pass a photograph or a folder of them."
+            )
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file())
     photos = [p for p in files if p.suffix.lower() in PHOTO_SUFFIXES]
     others = [p.name for p in files if p.suffix.lower() not in PHOTO_SUFFIXES]
     if others:
-        log.warning("skipping %d file(s) in %s that are not PNG, JPEG, TIFF or PPM: %s", len(others), path, ", ".join(others))
+        log.warning(
+            "skipping %d file(s) in %s that are not PNG, JPEG, TIFF or PPM: %s", len(others), path, ", ".join(others)
+        )
     if not photos:
         raise DataError(f"input={path} holds no PNG, JPEG, TIFF or PPM files.")
     stems = [p.stem for p in photos]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
-        raise DataError(f"input={path} holds several photographs named {', '.join(repeated)} (different extensions); their outputs would overwrite each other. Rename them.")
+        raise DataError(
+            f"input={path} holds several photographs named {', '.join(repeated)} (different extensions); their outputs would overwrite each other. Rename them."
+        )
     return photos
 
 
@@ -98,7 +109,9 @@ def given_fov(photo: Path, fov: Path, shape: tuple[int, int]) -> np.ndarray:
         names = [name.format(photo.stem) for name in MASK_STEMS]
         found = [p for name in names for p in sorted(fov.iterdir()) if p.is_file() and p.stem == name]
         if not found:
-            raise DataError(f"no FOV mask for {photo.name} in fov={fov}: expected a file named {' or '.join(n + '.<ext>' for n in names)}.")
+            raise DataError(
+                f"no FOV mask for {photo.name} in fov={fov}: expected a file named {' or '.join(n + '.<ext>' for n in names)}."
+            )
         fov = found[0]
     elif not fov.is_file():
         raise DataError(f"fov={fov}: no such file or folder.")
@@ -108,7 +121,9 @@ def given_fov(photo: Path, fov: Path, shape: tuple[int, int]) -> np.ndarray:
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read FOV mask {fov}: {error}") from None
     if mask.shape != shape:
-        raise DataError(f"FOV mask {fov} is {mask.shape[1]}x{mask.shape[0]} but {photo} is {shape[1]}x{shape[0]} (width x height); they must match.")
+        raise DataError(
+            f"FOV mask {fov} is {mask.shape[1]}x{mask.shape[0]} but {photo} is {shape[1]}x{shape[0]} (width x height); they must match."
+        )
     return mask
 
 
@@ -125,13 +140,15 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Segment every photograph of `cfg.input` into `cfg.output_dir`; return the masks written."""
     photos = photographs(cfg.input)
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    mean, std, clahe = normalisation(checkpoint)
-    module = build_module(checkpoint, OmegaConf.to_container(cfg.inference)).to(resolve_device(cfg.device))
+    mean, std, clahe = checkpoint.normalisation()
+    module = checkpoint.build_module(OmegaConf.to_container(cfg.inference)).to(resolve_device(cfg.device))
     threshold = module.hparams.threshold if cfg.threshold is None else float(cfg.threshold)
     fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    log.info("segmenting %d photograph(s) on %s at threshold %.3g into %s", len(photos), module.device, threshold, output_dir)
+    log.info(
+        "segmenting %d photograph(s) on %s at threshold %.3g into %s", len(photos), module.device, threshold, output_dir
+    )
 
     written = []
     for photo in track(photos, description="segmenting", disable=len(photos) == 1):

@@ -58,7 +58,9 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> N
         cause = error if isinstance(error, OSError) else error.__context__
         if not isinstance(cause, OSError):
             raise
-        raise DataError(f"cannot write {path}: {why_not_written(cause)}. Files written before it are intact; free space (or fix the path) and run again.") from None
+        raise DataError(
+            f"cannot write {path}: {why_not_written(cause)}. Files written before it are intact; free space (or fix the path) and run again."
+        ) from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -103,18 +105,29 @@ class StopOnNonFiniteLoss(L.Callback):
         # Before backward, so the optimizer never steps on it.
         if not torch.isfinite(loss).all():
             batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
-            self._stop(trainer, f"the training loss is {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch})")
+            self._stop(
+                trainer,
+                f"the training loss is {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch})",
+            )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         bad = next((name for name, p in pl_module.named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:
-            self._stop(trainer, f"weight {bad} is not finite at step {trainer.global_step} (epoch {trainer.current_epoch})")
+            self._stop(
+                trainer, f"weight {bad} is not finite at step {trainer.global_step} (epoch {trainer.current_epoch})"
+            )
 
     @staticmethod
     def _stop(trainer: L.Trainer, what: str) -> None:
         last = last_checkpoint_path(trainer)
-        kept = f"the last good checkpoint is {last}" if last is not None and last.is_file() else "no checkpoint was written before it"
-        raise DataError(f"{what}: training stopped; {kept}. Lower model.lr, use trainer.precision=32-true, or check the input data.")
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last is not None and last.is_file()
+            else "no checkpoint was written before it"
+        )
+        raise DataError(
+            f"{what}: training stopped; {kept}. Lower model.lr, use trainer.precision=32-true, or check the input data."
+        )
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -132,7 +145,9 @@ class _AppendingWriter(ExperimentWriter):
         except OSError as error:
             # Dropped, or Lightning's shutdown would try to write them again and fail the same way.
             self.metrics = []
-            raise DataError(f"cannot write {self.metrics_file_path}: {why_not_written(error)}. The checkpoints written so far are intact; free space and resume the run.") from None
+            raise DataError(
+                f"cannot write {self.metrics_file_path}: {why_not_written(error)}. The checkpoints written so far are intact; free space and resume the run."
+            ) from None
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -194,7 +209,9 @@ def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
     if ckpt_path:
         check_same_model(cfg, ckpt_path)
     continuing = ckpt_path is not None and Path(ckpt_path).resolve().parent == checkpoints.resolve()
-    earlier = sorted(checkpoints.glob("*.ckpt")) + [p for p in (output_dir / "csv" / "metrics.csv", output_dir / "metrics.json") if p.is_file()]
+    earlier = sorted(checkpoints.glob("*.ckpt")) + [
+        p for p in (output_dir / "csv" / "metrics.csv", output_dir / "metrics.json") if p.is_file()
+    ]
     if earlier and not continuing:
         raise DataError(
             f"run directory {output_dir} already holds a run ({earlier[0]}); it is not overwritten. Continue it "
@@ -206,7 +223,7 @@ def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
 def check_same_model(cfg: DictConfig, ckpt_path: str) -> None:
     """A checkpoint continues only the model it was saved from (else loading fails with a wall of size
     mismatches, or a changed setting such as model.lr is silently replaced by the checkpoint's)."""
-    saved = load_checkpoint(ckpt_path)["hyper_parameters"]  # a clear error for a missing or damaged file
+    saved = load_checkpoint(ckpt_path).hyper_parameters  # a clear error for a missing or damaged file
     model = OmegaConf.to_container(cfg.model, resolve=True)
     differ = [f"model.{k}={saved[k]} (this run: {v})" for k, v in model.items() if k in saved and saved[k] != v]
     if differ:
@@ -233,7 +250,9 @@ def exit_on_sigterm(output_dir: str):
     try:
         yield
     except SIGTERMException:
-        log.error("stopped by SIGTERM; last.ckpt saved: continue with `python -m retinaseg.train resume=%s`", output_dir)
+        log.error(
+            "stopped by SIGTERM; last.ckpt saved: continue with `python -m retinaseg.train resume=%s`", output_dir
+        )
         sys.exit(128 + signal.SIGTERM)
 
 

@@ -73,12 +73,14 @@ class SweepSummary(Callback):
             record["value"] = None if value is None else float(value)
         else:
             try:
-                job_return.return_value  # raises the job's exception
+                _ = job_return.return_value  # raises the job's exception
             except BaseException as error:
                 while error.__cause__ is not None:  # the error itself, not Hydra's wrapping of it
                     error = error.__cause__
                 record["error"] = f"{type(error).__name__}: {error}"
-            log.error("job #%s failed (overrides: %s): %s", record["job"], " ".join(record["overrides"]), record.get("error"))
+            log.error(
+                "job #%s failed (overrides: %s): %s", record["job"], " ".join(record["overrides"]), record.get("error")
+            )
         Path(record["dir"], JOB_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
         self.write_summary(Path(config.hydra.sweep.dir), config.optimized_metric)
 
@@ -86,12 +88,25 @@ class SweepSummary(Callback):
         summary = self.write_summary(Path(config.hydra.sweep.dir), config.optimized_metric)
         best = summary["best"]
         if best is None:
-            log.warning("no job of the sweep returned %s; see %s", config.optimized_metric, Path(config.hydra.sweep.dir) / SUMMARY_FILE)
+            log.warning(
+                "no job of the sweep returned %s; see %s",
+                config.optimized_metric,
+                Path(config.hydra.sweep.dir) / SUMMARY_FILE,
+            )
         else:
-            log.info("best job: #%s, %s=%.4f, overrides: %s, in %s", best["job"], config.optimized_metric, best["value"], " ".join(best["overrides"]), best["dir"])
+            log.info(
+                "best job: #%s, %s=%.4f, overrides: %s, in %s",
+                best["job"],
+                config.optimized_metric,
+                best["value"],
+                " ".join(best["overrides"]),
+                best["dir"],
+            )
 
     def write_summary(self, sweep_dir: Path, metric: str) -> dict:
-        jobs = sorted((yaml.safe_load(path.read_text()) for path in sweep_dir.rglob(JOB_FILE)), key=lambda job: job["job"])
+        jobs = sorted(
+            (yaml.safe_load(path.read_text()) for path in sweep_dir.rglob(JOB_FILE)), key=lambda job: job["job"]
+        )
         scored = [job for job in jobs if job.get("value") is not None and math.isfinite(job["value"])]
         pick = max if self.direction == "maximize" else min
         summary = {
@@ -101,5 +116,7 @@ class SweepSummary(Callback):
             "jobs": jobs,
         }
         # Jobs finishing together (on several nodes) never leave a torn file.
-        write_atomically(sweep_dir / SUMMARY_FILE, lambda file: file.write(yaml.safe_dump(summary, sort_keys=False).encode()))
+        write_atomically(
+            sweep_dir / SUMMARY_FILE, lambda file: file.write(yaml.safe_dump(summary, sort_keys=False).encode())
+        )
         return summary

@@ -63,7 +63,9 @@ class WandbLogger(LightningWandbLogger):
         if self._experiment is None and self._wandb_init.get("mode") == "online":
             try:
                 return super().experiment
-            except Exception as error:  # wandb raises CommError, AuthenticationError, ... when the server is out of reach
+            except (
+                Exception
+            ) as error:  # wandb raises CommError, AuthenticationError, ... when the server is out of reach
                 log.warning("W&B did not start online (%s); this run is logged offline instead", error)
                 self._wandb_init["mode"] = "offline"
         return super().experiment
@@ -85,7 +87,9 @@ class WandbLogger(LightningWandbLogger):
 def git_commit() -> str | None:
     """The commit of the checkout this code runs from, or None outside a git checkout."""
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
@@ -151,7 +155,10 @@ class WandbPredictionImages(L.Callback):
                     "caption": batch["id"][i],
                     "masks": {
                         "prediction": {"mask_data": predicted.byte().cpu().numpy(), "class_labels": MASK_CLASSES},
-                        "ground_truth": {"mask_data": batch["label"][i, 0].byte().cpu().numpy(), "class_labels": MASK_CLASSES},
+                        "ground_truth": {
+                            "mask_data": batch["label"][i, 0].byte().cpu().numpy(),
+                            "class_labels": MASK_CLASSES,
+                        },
                     },
                 }
             )
@@ -172,4 +179,3 @@ class WandbPredictionImages(L.Callback):
         logger = self._logger(trainer)
         if logger is not None and logger.version is not None:
             checkpoint[RUN_ID_KEY] = logger.version
-

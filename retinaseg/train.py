@@ -10,12 +10,12 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from retinaseg import precision  # noqa: F401  (registers the ${fastest_precision:} resolver)
 from retinaseg.errors import exit_on_user_error
 from retinaseg.metrics import reported
 from retinaseg.reliability import checkpoint_to_resume, exit_on_sigterm, write_atomically
 from retinaseg.sweeps import in_multirun, relaunch_ranks_as_this_job
 from retinaseg.tracking import finishing_wandb_run, start_tracking
-from retinaseg import precision  # noqa: F401  (registers the ${fastest_precision:} resolver)
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +32,27 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = checkpoint_to_resume(cfg, output_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")))
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
+    )
     parameters = sum(p.numel() for p in model.parameters())
     log.info("U-Net with %s parameters; run directory %s", f"{parameters:,}", output_dir)
     start_tracking(trainer.loggers, cfg, parameters, ckpt_path)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-    if checkpoint is not None and checkpoint.monitor == cfg.optimized_metric and checkpoint.best_model_score is not None:
+    if (
+        checkpoint is not None
+        and checkpoint.monitor == cfg.optimized_metric
+        and checkpoint.best_model_score is not None
+    ):
         value = float(checkpoint.best_model_score)
     else:
-        value = float(trainer.callback_metrics[cfg.optimized_metric]) if cfg.optimized_metric in trainer.callback_metrics else None
+        value = (
+            float(trainer.callback_metrics[cfg.optimized_metric])
+            if cfg.optimized_metric in trainer.callback_metrics
+            else None
+        )
 
     if cfg.get("test"):
         best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -51,7 +61,9 @@ def train(cfg: DictConfig) -> float | None:
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics = {**reported(trainer.callback_metrics, prefix="test/"), "checkpoint": best or None}
         if trainer.is_global_zero:  # every DDP process holds the same (synced) metrics
-            write_atomically(output_dir / "metrics.json", lambda file: file.write((json.dumps(metrics, indent=2) + "\n").encode()))
+            write_atomically(
+                output_dir / "metrics.json", lambda file: file.write((json.dumps(metrics, indent=2) + "\n").encode())
+            )
             log.info("test metrics of %s: %s", best or "the final weights", json.dumps(metrics))
     return value
 
@@ -60,7 +72,11 @@ def train(cfg: DictConfig) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     relaunch_ranks_as_this_job()
     # In a sweep a failing job is left to Hydra, which records it and goes on (retinaseg.sweeps reports it).
-    with contextlib.nullcontext() if in_multirun() else exit_on_user_error(), exit_on_sigterm(cfg.paths.output_dir), finishing_wandb_run():
+    with (
+        contextlib.nullcontext() if in_multirun() else exit_on_user_error(),
+        exit_on_sigterm(cfg.paths.output_dir),
+        finishing_wandb_run(),
+    ):
         return train(cfg)
 
 

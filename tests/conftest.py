@@ -27,5 +27,7 @@ def drive_checkpoint(drive_root, tmp_path_factory) -> Path:
     from retinaseg.train import train
 
     run_dir = tmp_path_factory.mktemp("drive_run")
-    train(compose_config("train", TINY + [f"data.root={drive_root}", "data.patches_per_epoch=256", "test=false"], run_dir))
+    train(
+        compose_config("train", TINY + [f"data.root={drive_root}", "data.patches_per_epoch=256", "test=false"], run_dir)
+    )
     return run_dir / "checkpoints" / "best.ckpt"

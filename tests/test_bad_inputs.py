@@ -1,40 +1,20 @@
 """Bad inputs and settings: each is one clear message (what, which file, what to do), never a traceback."""
 
-import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import TINY, TINY_SYNTHETIC, make_drive, run_module
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.data.drive import read_drive
-from retinaseg.data.synthetic import synthetic_samples
 from retinaseg.errors import DataError
-
-from helpers import TINY, TINY_SYNTHETIC
-
-
-def make_drive(root, numbers=(21, 22), split="training", size=(48, 40)):
-    """A DRIVE-layout folder (tif images, gif labels and masks, DRIVE's names) of small synthetic images."""
-    for folder in ("images", "1st_manual", "mask"):
-        (root / split / folder).mkdir(parents=True, exist_ok=True)
-    for number, s in zip(numbers, synthetic_samples(len(numbers), height=size[0], width=size[1])):
-        Image.fromarray(s.image).save(root / split / "images" / f"{number}_{split}.tif")
-        Image.fromarray(s.label * 255).save(root / split / "1st_manual" / f"{number}_manual1.gif")
-        Image.fromarray(s.fov.astype(np.uint8) * 255).save(root / split / "mask" / f"{number}_{split}_mask.gif")
-    return root
 
 
 @pytest.fixture
 def drive(tmp_path):
     return make_drive(tmp_path / "DRIVE")
-
-
-def run_train(args, cwd):
-    return subprocess.run([sys.executable, "-m", "retinaseg.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ)
 
 
 def test_the_synthetic_layout_reads(drive):
@@ -77,7 +57,13 @@ def test_an_image_without_its_label_or_mask_is_named(drive, folder, name):
         read_drive(drive, "training")
 
 
-@pytest.mark.parametrize("folder, name, other", [("1st_manual", "22_manual1.gif", "mask/22_training_mask.gif"), ("mask", "22_training_mask.gif", "1st_manual/22_manual1.gif")])
+@pytest.mark.parametrize(
+    "folder, name, other",
+    [
+        ("1st_manual", "22_manual1.gif", "mask/22_training_mask.gif"),
+        ("mask", "22_training_mask.gif", "1st_manual/22_manual1.gif"),
+    ],
+)
 def test_a_label_or_mask_without_its_image_is_named(drive, folder, name, other):
     (drive / "training" / "images" / "22_training.tif").unlink()
     (drive / "training" / other).unlink()
@@ -139,14 +125,16 @@ def test_a_patch_larger_than_the_images(drive):
 def test_a_bad_file_from_the_command_line_is_one_message_and_exit_2(drive, tmp_path):
     path = drive / "training" / "images" / "22_training.tif"
     path.write_bytes(path.read_bytes()[:300])
-    result = run_train(TINY + [f"data.root={drive}", "data.val_images=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    result = run_module(
+        TINY + [f"data.root={drive}", "data.val_images=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "cannot read image" in result.stderr and "22_training.tif" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_an_unknown_override_key_is_hydras_short_error(tmp_path):
-    result = run_train(TINY_SYNTHETIC + ["data.patchsize=32", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    result = run_module(TINY_SYNTHETIC + ["data.patchsize=32", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode != 0
     assert "Could not override 'data.patchsize'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

@@ -1,13 +1,16 @@
 """The benchmark runs end to end in a tiny configuration (a smoke test: no timing is asserted)."""
 
-from retinaseg.benchmark import benchmark, table
-
 from helpers import TINY_SYNTHETIC, compose_config
+from retinaseg.benchmark import benchmark, table
 
 
 def test_benchmark_measures_every_variant(tmp_path):
     overrides = [o for o in TINY_SYNTHETIC if not o.startswith("trainer.")]
-    cfg = compose_config("benchmark", overrides + ["steps=2", "warmup_steps=1", "rounds=1", "inference_images=1", "precisions=[32-true,bf16-mixed]"], tmp_path)
+    cfg = compose_config(
+        "benchmark",
+        overrides + ["steps=2", "warmup_steps=1", "rounds=1", "inference_images=1", "precisions=[32-true,bf16-mixed]"],
+        tmp_path,
+    )
     result = benchmark(cfg)
     variants = {(row["loop"], row["precision"]) for row in result["training"]}
     assert variants == {(loop, p) for loop in ("plain", "lightning") for p in ("32-true", "bf16-mixed")}

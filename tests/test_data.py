@@ -37,7 +37,11 @@ def test_palette_second_observer_reads_as_binary_and_matches_the_human_reference
 
 
 def copy_subset(drive_root, dest, numbers=(21, 22), split="training"):
-    for folder, pattern in (("images", "{n}_training.tif"), ("1st_manual", "{n}_manual1.gif"), ("mask", "{n}_training_mask.gif")):
+    for folder, pattern in (
+        ("images", "{n}_training.tif"),
+        ("1st_manual", "{n}_manual1.gif"),
+        ("mask", "{n}_training_mask.gif"),
+    ):
         (dest / split / folder).mkdir(parents=True, exist_ok=True)
         for n in numbers:
             name = pattern.format(n=n)
@@ -83,7 +87,9 @@ def test_patches_are_centred_in_the_fov_and_deterministic():
     augmented = PatchDataset(samples, 16, (0, 0, 0), (1, 1, 1), augment=True, seed=3, length=5)
     again = PatchDataset(samples, 16, (0, 0, 0), (1, 1, 1), augment=True, seed=3, length=5)
     for k in range(5):
-        assert torch.equal(augmented[k]["image"], again[k]["image"]) and torch.equal(augmented[k]["label"], again[k]["label"])
+        assert torch.equal(augmented[k]["image"], again[k]["image"]) and torch.equal(
+            augmented[k]["label"], again[k]["label"]
+        )
 
 
 def test_each_epoch_draws_new_patch_indices():
@@ -98,7 +104,9 @@ def test_split_is_by_image_and_fixed_by_seed():
     dm.setup("fit")
     train_ids, val_ids = [s.id for s in dm.train_samples], [s.id for s in dm.val_samples]
     assert len(train_ids) == 4 and len(val_ids) == 2 and not set(train_ids) & set(val_ids)
-    other = FundusDataModule(source="synthetic", synthetic_images=6, synthetic_size=(96, 96), val_images=2, patch_size=32)
+    other = FundusDataModule(
+        source="synthetic", synthetic_images=6, synthetic_size=(96, 96), val_images=2, patch_size=32
+    )
     other.setup("fit")
     assert [s.id for s in other.val_samples] == val_ids
     batch = next(iter(dm.val_dataloader()))

@@ -10,20 +10,32 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from helpers import TINY_SYNTHETIC, run_module
 from retinaseg.metrics import REPORTED, reported
 from retinaseg.module import VesselSegmentationModule
-from test_train import run_module
-
-from helpers import TINY_SYNTHETIC
 
 # 5 test images are shared 3/2 between the processes; the 1 validation image is evaluated by both.
 # Enough steps (8 per process and epoch) for predictions that are neither all background nor all vessel.
-DDP = TINY_SYNTHETIC + ["trainer=ddp_cpu", "data.synthetic_images=5", "model.lr=0.01", "data.patches_per_epoch=128", "data.batch_size=8", "trainer.max_epochs=3"]
+DDP = TINY_SYNTHETIC + [
+    "trainer=ddp_cpu",
+    "data.synthetic_images=5",
+    "model.lr=0.01",
+    "data.patches_per_epoch=128",
+    "data.batch_size=8",
+    "trainer.max_epochs=3",
+]
 
 
 def evaluate(stage: str, checkpoint, datamodule) -> dict[str, float]:
     model = VesselSegmentationModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     (metrics,) = (trainer.validate if stage == "val" else trainer.test)(model, datamodule=datamodule)
     return reported(metrics, prefix=f"{stage}/")
 
@@ -50,4 +62,6 @@ def test_two_process_ddp_equals_single_process_evaluation(tmp_path):
     best_epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]
     with open(job / "csv" / "metrics.csv") as file:
         ddp_val = next(row for row in csv.DictReader(file) if row.get("val/f1") and int(row["epoch"]) == best_epoch)
-    assert reported({key: float(value) for key, value in ddp_val.items() if key.startswith("val/")}, prefix="val/") == pytest.approx(val, abs=1e-6)
+    assert reported(
+        {key: float(value) for key, value in ddp_val.items() if key.startswith("val/")}, prefix="val/"
+    ) == pytest.approx(val, abs=1e-6)

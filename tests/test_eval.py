@@ -11,11 +11,10 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
+from helpers import compose_config
 from retinaseg.data.drive import read_drive
 from retinaseg.eval import evaluate
 from retinaseg.metrics import REPORTED
-
-from helpers import compose_config
 
 
 def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:
@@ -25,7 +24,12 @@ def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:
 def test_eval_files_recompute_independently(drive_root, drive_checkpoint, tmp_path, capsys):
     run_eval(drive_checkpoint, [f"data.root={drive_root}"], tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["region"] == "fov" and metrics["n_images"] == 20 and metrics["threshold"] == 0.5 and metrics["split"] == "test"
+    assert (
+        metrics["region"] == "fov"
+        and metrics["n_images"] == 20
+        and metrics["threshold"] == 0.5
+        and metrics["split"] == "test"
+    )
     for group in (metrics, metrics["per_image_mean"], metrics["whole_image"]):
         assert set(REPORTED) <= set(group)
     assert set(REPORTED) - set(metrics["second_observer"]) == {"auc"}  # a binary mask has no ROC curve
@@ -59,7 +63,9 @@ def test_eval_files_recompute_independently(drive_root, drive_checkpoint, tmp_pa
     # The human reference of data/README.md.
     observer = metrics["second_observer"]
     assert observer["f1"] == pytest.approx(0.7891, abs=5e-5) and observer["accuracy"] == pytest.approx(0.9473, abs=5e-5)
-    assert observer["sensitivity"] == pytest.approx(0.7746, abs=5e-5) and observer["specificity"] == pytest.approx(0.9725, abs=5e-5)
+    assert observer["sensitivity"] == pytest.approx(0.7746, abs=5e-5) and observer["specificity"] == pytest.approx(
+        0.9725, abs=5e-5
+    )
 
 
 def drive_with_inverted_test_labels(drive_root, dest):
@@ -83,7 +89,9 @@ def pooled_f1(probs, labels, threshold: float) -> float:
 
 
 def test_threshold_val_is_chosen_on_validation_images_only(drive_root, drive_checkpoint, tmp_path):
-    val = run_eval(drive_checkpoint, [f"data.root={drive_root}", "threshold=val", "split=val", "plot_images=0"], tmp_path / "val")
+    val = run_eval(
+        drive_checkpoint, [f"data.root={drive_root}", "threshold=val", "split=val", "plot_images=0"], tmp_path / "val"
+    )
     assert val["threshold_from"] == "validation F1" and val["n_images"] == 4 and "second_observer" not in val
     # On the validation images no threshold of a fine grid beats the chosen one.
     probs = np.load(tmp_path / "val" / "probabilities.npz")
@@ -109,7 +117,11 @@ def test_eval_entry_point_reports_a_bad_checkpoint_in_one_line(tmp_path):
     not_a_checkpoint.write_text("not a checkpoint\n")
     result = subprocess.run(
         [sys.executable, "-m", "retinaseg.eval", f"ckpt_path={not_a_checkpoint}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
     )
     assert result.returncode == 2
-    assert "is not a PyTorch checkpoint" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    assert "is not a PyTorch file" in result.stderr and "Traceback" not in result.stderr + result.stdout

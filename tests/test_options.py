@@ -1,21 +1,25 @@
 """Speed options compose and run: bf16 autocast on CPU, channels_last, torch.compile."""
 
 import lightning as L
-import pytest
 import torch
 
+from helpers import TINY_SYNTHETIC, compose_config
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.precision import fastest_precision
 from retinaseg.train import train
 
-from helpers import TINY_SYNTHETIC, compose_config
-
 
 def test_bf16_mixed_training_on_cpu_keeps_the_loss_in_float32(tmp_path):
-    cfg = compose_config("train", TINY_SYNTHETIC + ["trainer.precision=bf16-mixed", "debug=fast", "model.channels_last=false"], tmp_path)
+    cfg = compose_config(
+        "train", TINY_SYNTHETIC + ["trainer.precision=bf16-mixed", "debug=fast", "model.channels_last=false"], tmp_path
+    )
     assert 0.0 <= train(cfg) <= 1.0
     module = VesselSegmentationModule(base_channels=4, depth=2)
-    batch = {"image": torch.rand(2, 3, 32, 32), "label": (torch.rand(2, 1, 32, 32) > 0.8).float(), "fov": torch.ones(2, 1, 32, 32, dtype=torch.bool)}
+    batch = {
+        "image": torch.rand(2, 3, 32, 32),
+        "label": (torch.rand(2, 1, 32, 32) > 0.8).float(),
+        "fov": torch.ones(2, 1, 32, 32, dtype=torch.bool),
+    }
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = module(batch["image"])
         loss = module.loss(logits, batch["label"])

@@ -3,10 +3,9 @@
 import numpy as np
 from PIL import Image
 
+from helpers import TINY_SYNTHETIC, compose_config
 from retinaseg import plots
 from retinaseg.train import train
-
-from helpers import TINY_SYNTHETIC, compose_config
 
 
 def test_training_draws_curves_and_test_predictions(tmp_path):

@@ -10,13 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from retinaseg.checkpoint import build_module, load_checkpoint
+from helpers import compose_config
+from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.datamodule import equalize_contrast, normalize
 from retinaseg.data.drive import read_drive
 from retinaseg.errors import DataError
 from retinaseg.predict import estimate_fov, predict
-
-from helpers import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +55,20 @@ def test_predict_entry_point_on_a_folder_of_formats(drive_checkpoint, photo_fold
     out = tmp_path / "out"
     result = subprocess.run(
         # threshold=0: every FOV pixel is vessel, so the masks show the FOV (the tiny model's vessels are faint).
-        [sys.executable, "-m", "retinaseg.predict", f"ckpt_path={drive_checkpoint}", f"input={folder}", f"output_dir={out}", "threshold=0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ,
+        [
+            sys.executable,
+            "-m",
+            "retinaseg.predict",
+            f"ckpt_path={drive_checkpoint}",
+            f"input={folder}",
+            f"output_dir={out}",
+            "threshold=0",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "predict.log").read_text()
@@ -65,8 +76,12 @@ def test_predict_entry_point_on_a_folder_of_formats(drive_checkpoint, photo_fold
     for stem, size in (("rgb", (584, 565)), ("rgba", (584, 565)), ("deep", (584, 565)), ("gray", (413, 400))):
         prob, mask, over = (read(out / f"{stem}_{kind}.png") for kind in ("prob", "mask", "overlay"))
         assert prob.shape == mask.shape == size and prob.dtype == mask.dtype == np.uint8 and over.shape == (*size, 3)
-        assert set(np.unique(mask)) == {0, 255} and not (mask[:10, :10].any() or prob[:10, :10].any())  # corners: outside the FOV
-        assert mask[size[0] // 2, size[1] // 2] == 255 and 0.5 < (mask > 0).mean() < 0.85  # the estimated FOV, about DRIVE's
+        assert set(np.unique(mask)) == {0, 255} and not (
+            mask[:10, :10].any() or prob[:10, :10].any()
+        )  # corners: outside the FOV
+        assert (
+            mask[size[0] // 2, size[1] // 2] == 255 and 0.5 < (mask > 0).mean() < 0.85
+        )  # the estimated FOV, about DRIVE's
     # The same photograph read from an 8-bit TIFF, an RGBA PNG and a 16-bit PNG gives the same vessels.
     assert np.array_equal(read(out / "rgb_prob.png"), read(out / "rgba_prob.png"))
     assert np.array_equal(read(out / "rgb_prob.png"), read(out / "deep_prob.png"))
@@ -76,7 +91,13 @@ def test_predict_with_given_fov_masks(drive_checkpoint, photo_folder, test_sampl
     folder, masks = photo_folder
     for fov, out in ((masks, tmp_path / "folder"), (masks / "gray_mask.gif", tmp_path / "file")):
         single = fov.is_file()
-        overrides = [f"ckpt_path={drive_checkpoint}", f"input={folder / 'gray.jpg' if single else folder}", f"fov={fov}", f"output_dir={out}", "threshold=0"]
+        overrides = [
+            f"ckpt_path={drive_checkpoint}",
+            f"input={folder / 'gray.jpg' if single else folder}",
+            f"fov={fov}",
+            f"output_dir={out}",
+            "threshold=0",
+        ]
         cfg = compose_config("predict", overrides, out)
         written = predict(cfg)
         assert len(written) == (1 if single else 4)
@@ -95,16 +116,24 @@ def test_estimated_fov_matches_drive_masks(test_samples):
 
 def test_predict_equalises_photographs_like_the_checkpoint_was_trained(drive_checkpoint, test_samples, tmp_path):
     """A checkpoint trained with data.clahe=true gets its photographs contrast-equalised in predict too."""
-    checkpoint = load_checkpoint(drive_checkpoint)
+    checkpoint = torch.load(drive_checkpoint, weights_only=True)
     checkpoint["datamodule_hyper_parameters"]["clahe"] = True
     torch.save(checkpoint, tmp_path / "clahe.ckpt")
     image = test_samples[0].image
     Image.fromarray(image).save(tmp_path / "photo.png")
     for name in ("clahe", "plain"):
         ckpt = tmp_path / "clahe.ckpt" if name == "clahe" else drive_checkpoint
-        predict(compose_config("predict", [f"ckpt_path={ckpt}", f"input={tmp_path / 'photo.png'}", f"output_dir={tmp_path / name}"], tmp_path))
-    module = build_module(checkpoint, {})
-    mean, std = checkpoint["datamodule_hyper_parameters"]["mean"], checkpoint["datamodule_hyper_parameters"]["std"]
+        predict(
+            compose_config(
+                "predict",
+                [f"ckpt_path={ckpt}", f"input={tmp_path / 'photo.png'}", f"output_dir={tmp_path / name}"],
+                tmp_path,
+            )
+        )
+    clahe_checkpoint = load_checkpoint(tmp_path / "clahe.ckpt")
+    module = clahe_checkpoint.build_module()
+    mean, std, clahe = clahe_checkpoint.normalisation()
+    assert clahe
     with torch.no_grad():
         expected = module.predict_probabilities(normalize(equalize_contrast(image), mean, std)[None])[0, 0].numpy()
     fov = estimate_fov(image)
@@ -117,7 +146,15 @@ def test_predict_errors_are_clear(drive_checkpoint, photo_folder, tmp_path):
     folder, masks = photo_folder
 
     def run(**settings):
-        overrides = [f"{key}={value}" for key, value in {"ckpt_path": drive_checkpoint, "input": folder, "output_dir": tmp_path / "out", **settings}.items()]
+        overrides = [
+            f"{key}={value}"
+            for key, value in {
+                "ckpt_path": drive_checkpoint,
+                "input": folder,
+                "output_dir": tmp_path / "out",
+                **settings,
+            }.items()
+        ]
         return predict(compose_config("predict", overrides, tmp_path))
 
     with pytest.raises(DataError, match="notes.txt is not a PNG, JPEG, TIFF or PPM"):
@@ -130,7 +167,7 @@ def test_predict_errors_are_clear(drive_checkpoint, photo_folder, tmp_path):
         run(fov=tmp_path)
     with pytest.raises(DataError, match="is 400x413 but .*rgb.tif is 565x584"):
         run(input=folder / "rgb.tif", fov=masks / "gray_mask.gif")
-    with pytest.raises(DataError, match="is not a PyTorch checkpoint"):
+    with pytest.raises(DataError, match="is not a PyTorch file"):
         run(ckpt_path=folder / "notes.txt")
 
 
@@ -140,10 +177,11 @@ class Payload:
 
 def test_checkpoints_load_without_running_pickled_code(drive_checkpoint, tmp_path):
     checkpoint = load_checkpoint(drive_checkpoint)
-    assert checkpoint["hyper_parameters"]["base_channels"] == 4 and "mean" in checkpoint["datamodule_hyper_parameters"]
+    assert checkpoint.hyper_parameters["base_channels"] == 4 and "mean" in checkpoint.data
+    checkpoint = torch.load(drive_checkpoint, weights_only=True)
     torch.save({**checkpoint, "extra": Payload()}, tmp_path / "pickled.ckpt")
     with pytest.raises(DataError, match=r"pickled objects .*Payload.*nothing in it was run"):
         load_checkpoint(tmp_path / "pickled.ckpt")
     torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
-    with pytest.raises(DataError, match="not a retinaseg checkpoint"):
+    with pytest.raises(DataError, match="neither a retinaseg checkpoint nor a state_dict of the U-Net"):
         load_checkpoint(tmp_path / "other.ckpt")

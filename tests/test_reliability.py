@@ -20,13 +20,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from helpers import CONF, TINY_SYNTHETIC, compose_config
 from retinaseg.data.datamodule import EpochSampler, FundusDataModule
 from retinaseg.errors import DataError
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.reliability import checkpoint_to_resume, exit_on_sigterm, write_atomically
 from retinaseg.train import train
-
-from helpers import CONF, TINY_SYNTHETIC, compose_config
 
 # Two short epochs of 8 batches, with a scheduler whose state a resume must restore.
 RUN = TINY_SYNTHETIC + [
@@ -93,11 +92,21 @@ def test_a_run_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed
     command = [sys.executable, "-m", "retinaseg.train", *RUN, "data.num_workers=2"]
     last = run_dir / "checkpoints" / "last.ckpt"
     with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a pipe could fill up and block the run
-        process = subprocess.Popen([*command, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(
+            [*command, f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path,
+            env=ONE_THREAD,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         deadline = time.monotonic() + 300
         # Kill once epoch 0 is checkpointed and its training summary row is in the CSV: Lightning writes that
         # row a moment after last.ckpt, and a kill in between loses it (a known gap, see README Troubleshooting).
-        while not (last.is_file() and "train/loss_epoch" in read_text_or_empty(run_dir / "csv" / "metrics.csv")) and process.poll() is None and time.monotonic() < deadline:
+        while (
+            not (last.is_file() and "train/loss_epoch" in read_text_or_empty(run_dir / "csv" / "metrics.csv"))
+            and process.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -106,11 +115,15 @@ def test_a_run_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed
 
     # A new run is refused the killed run's directory, before anything in it is touched.
     config = (run_dir / ".hydra" / "config.yaml").read_bytes()
-    refused = subprocess.run([*command, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True)
+    refused = subprocess.run(
+        [*command, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True
+    )
     assert refused.returncode != 0 and f"resume={run_dir}" in refused.stderr and "Traceback" not in refused.stderr
     assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config
 
-    resumed = subprocess.run([*command, f"resume={run_dir}"], cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [*command, f"resume={run_dir}"], cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_training(load(uninterrupted / "checkpoints" / "last.ckpt"), load(last))
     # The CSV log: each step and epoch once, no gap, the same values as the uninterrupted run's.
@@ -131,7 +144,11 @@ class SendSigterm(L.Callback):
 
 
 def test_sigterm_saves_a_checkpoint_mid_epoch_that_resumes_exactly(uninterrupted, tmp_path):
-    cfg = compose_config("train", RUN + ["+callbacks.sigterm._target_=test_reliability.SendSigterm", "+callbacks.sigterm.after_step=12"], tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        RUN + ["+callbacks.sigterm._target_=test_reliability.SendSigterm", "+callbacks.sigterm.after_step=12"],
+        tmp_path / "run",
+    )
     with pytest.raises(SIGTERMException):
         train(cfg)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -141,7 +158,9 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_that_resumes_exactly(uninterrupted
 
     # The `ckpt_path=` form: training continues from the checkpoint in a new run directory.
     train(compose_config("train", RUN + [f"ckpt_path={last}"], tmp_path / "continued"))
-    assert_same_training(load(uninterrupted / "checkpoints" / "last.ckpt"), load(tmp_path / "continued" / "checkpoints" / "last.ckpt"))
+    assert_same_training(
+        load(uninterrupted / "checkpoints" / "last.ckpt"), load(tmp_path / "continued" / "checkpoints" / "last.ckpt")
+    )
     assert min(int(r["step"]) for r in csv_rows(tmp_path / "continued")) >= 12
 
 
@@ -163,7 +182,9 @@ def test_a_resumed_epoch_skips_the_patches_already_trained_on():
 def test_two_runs_with_the_same_seed_give_the_same_metrics_on_cpu(uninterrupted, tmp_path):
     train(compose_config("train", RUN, tmp_path))
     assert csv_rows(tmp_path) == csv_rows(uninterrupted)
-    assert_same_training(load(uninterrupted / "checkpoints" / "last.ckpt"), load(tmp_path / "checkpoints" / "last.ckpt"))
+    assert_same_training(
+        load(uninterrupted / "checkpoints" / "last.ckpt"), load(tmp_path / "checkpoints" / "last.ckpt")
+    )
 
 
 class PoisonWeights(L.Callback):
@@ -190,10 +211,17 @@ class PoisonWeights(L.Callback):
 
 @pytest.mark.parametrize(
     "hook, step, message",
-    [("batch", 10, r"the training loss is nan at step 10 \(epoch 1, batch 2\)"), ("validation", 16, r"weight \S+ is not finite at step 16 \(epoch 1\)")],
+    [
+        ("batch", 10, r"the training loss is nan at step 10 \(epoch 1, batch 2\)"),
+        ("validation", 16, r"weight \S+ is not finite at step 16 \(epoch 1\)"),
+    ],
 )
 def test_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, hook, step, message):
-    overrides = [f"+callbacks.poison._target_=test_reliability.PoisonWeights", f"+callbacks.poison.step={step}", f"+callbacks.poison.hook={hook}"]
+    overrides = [
+        "+callbacks.poison._target_=test_reliability.PoisonWeights",
+        f"+callbacks.poison.step={step}",
+        f"+callbacks.poison.hook={hook}",
+    ]
     with pytest.raises(DataError, match=message) as error:
         train(compose_config("train", RUN + overrides, tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -243,7 +271,10 @@ def small_disk(tmp_path):
     """A 2 MiB tmpfs (mounting needs root; skipped elsewhere, where the test above covers the logic)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs (needs root)")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
@@ -251,7 +282,11 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_stops_training_with_a_clear_error_and_keeps_the_checkpoints(small_disk):
     run_dir = small_disk / "run"
-    overrides = ["+callbacks.fill._target_=test_reliability.FillTheDisk", f"+callbacks.fill.path={small_disk / 'filler'}", "+callbacks.fill.left=8192"]
+    overrides = [
+        "+callbacks.fill._target_=test_reliability.FillTheDisk",
+        f"+callbacks.fill.path={small_disk / 'filler'}",
+        "+callbacks.fill.left=8192",
+    ]
     with pytest.raises(DataError, match="cannot write .*: the disk is full"):
         train(compose_config("train", RUN + overrides, run_dir))
     assert load(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0
@@ -287,7 +322,14 @@ def test_a_used_run_directory_is_only_resumed_with_the_same_model(uninterrupted,
 
 def process_tree_rss(pid: int) -> int:
     """Resident memory (bytes) of a process and its children (data loader workers), from /proc."""
-    rss = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS")).split()[1]) * 1024
+    rss = (
+        int(
+            next(
+                line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS")
+            ).split()[1]
+        )
+        * 1024
+    )
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return rss + sum(process_tree_rss(int(child)) for child in children if Path(f"/proc/{child}").exists())
 
@@ -301,9 +343,25 @@ class RecordMemory(L.Callback):
 
 
 def test_memory_stays_flat_over_epochs_with_several_workers():
-    datamodule = FundusDataModule(source="synthetic", synthetic_images=4, synthetic_size=(96, 96), val_images=1, patch_size=32, patches_per_epoch=64, batch_size=16, num_workers=2)
+    datamodule = FundusDataModule(
+        source="synthetic",
+        synthetic_images=4,
+        synthetic_size=(96, 96),
+        val_images=1,
+        patch_size=32,
+        patches_per_epoch=64,
+        batch_size=16,
+        num_workers=2,
+    )
     memory = RecordMemory()
-    trainer = L.Trainer(max_epochs=6, precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[memory])
+    trainer = L.Trainer(
+        max_epochs=6,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[memory],
+    )
     trainer.fit(VesselSegmentationModule(base_channels=4, depth=2), datamodule=datamodule)
     growth = max(memory.rss[2:]) - memory.rss[1]  # after the first epochs have allocated what they keep
     assert growth < 50 * 2**20, [f"{r / 2**20:.0f} MiB" for r in memory.rss]

@@ -7,9 +7,7 @@ import optuna
 import yaml
 from hydra import compose, initialize_config_dir
 
-from test_train import run_module
-
-from helpers import CONF, TINY_SYNTHETIC
+from helpers import CONF, TINY_SYNTHETIC, run_module
 
 # Microseconds in the name keep sweeps started in the same second apart.
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}")
@@ -20,7 +18,9 @@ def overrides(job_dir) -> list[str]:
 
 
 def test_multirun_runs_each_combination_in_its_own_directory(tmp_path):
-    result = run_module(["-m", "model.loss=dice,bce", "logger=wandb"] + TINY_SYNTHETIC, cwd=tmp_path, WANDB_MODE="offline")
+    result = run_module(
+        ["-m", "model.loss=dice,bce", "logger=wandb"] + TINY_SYNTHETIC, cwd=tmp_path, WANDB_MODE="offline"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     assert TIMESTAMP.fullmatch(sweep.name)
@@ -46,21 +46,36 @@ def test_failing_jobs_are_reported_with_their_overrides_and_the_sweep_goes_on(tm
     assert result.returncode != 0
     logged = result.stdout + result.stderr
     for job, size in ((0, 0), (1, -1)):
-        assert re.search(rf"job #{job} failed \(overrides: data\.eval_batch_size={size} .*\): DataError: data\.eval_batch_size must be >= 1", logged)
+        assert re.search(
+            rf"job #{job} failed \(overrides: data\.eval_batch_size={size} .*\): DataError: data\.eval_batch_size must be >= 1",
+            logged,
+        )
     summary = yaml.safe_load((sweep / "sweep_summary.yaml").read_text())
     assert [job["status"] for job in summary["jobs"]] == ["FAILED", "FAILED"] and summary["best"] is None
-    assert "data.eval_batch_size=-1" in summary["jobs"][1]["overrides"] and "eval_batch_size" in summary["jobs"][1]["error"]
+    assert (
+        "data.eval_batch_size=-1" in summary["jobs"][1]["overrides"]
+        and "eval_batch_size" in summary["jobs"][1]["error"]
+    )
 
 
 def test_optuna_study_of_two_trials_kept_in_its_storage(tmp_path):
     sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
     # TINY_SYNTHETIC fixes base channels, patch and batch size: the study searches lr, loss and CLAHE.
-    args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     result = run_module(args + TINY_SYNTHETIC, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     trials = [dict(arg.split("=", 1) for arg in overrides(sweep / str(job))) for job in (0, 1)]
-    assert all({"model.lr", "model.loss", "data.clahe"} <= set(trial) and trial["model.base_channels"] == "4" for trial in trials)
+    assert all(
+        {"model.lr", "model.loss", "data.clahe"} <= set(trial) and trial["model.base_channels"] == "4"
+        for trial in trials
+    )
     assert trials[0]["model.lr"] != trials[1]["model.lr"]
 
     study = optuna.load_study(study_name="retinaseg", storage=storage)

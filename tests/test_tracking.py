@@ -15,14 +15,18 @@ import numpy as np
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
+from helpers import TINY_SYNTHETIC, compose_config, run_module
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.module import VesselSegmentationModule
-from test_train import run_module
-
-from helpers import TINY_SYNTHETIC, compose_config
 
 OFFLINE = {"WANDB_MODE": "offline"}
-RUN = TINY_SYNTHETIC + ["logger=wandb", "experiment=drive_cpu", "model.lr=0.01", "data.patches_per_epoch=64", "trainer.max_epochs=2"]
+RUN = TINY_SYNTHETIC + [
+    "logger=wandb",
+    "experiment=drive_cpu",
+    "model.lr=0.01",
+    "data.patches_per_epoch=64",
+    "trainer.max_epochs=2",
+]
 
 
 def wandb_records(run_dir: Path) -> list:
@@ -49,11 +53,20 @@ def wandb_records(run_dir: Path) -> list:
 
 
 def history(records) -> list[dict]:
-    return [{"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in r.history.item} for r in records if r.HasField("history")]
+    return [
+        {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.HasField("history")
+    ]
 
 
 def config(records) -> dict:
-    return {u.key or "/".join(u.nested_key): json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
+    return {
+        u.key or "/".join(u.nested_key): json.loads(u.value_json)
+        for r in records
+        if r.HasField("config")
+        for u in r.config.update
+    }
 
 
 def wandb_env(tmp_path: Path, **extra) -> dict:
@@ -72,7 +85,9 @@ def test_offline_run_holds_config_metrics_and_images(tmp_path):
     assert run.project == "retinaseg" and run.run_group == "drive_cpu" and "drive_cpu" in run.tags
     logged_config = config(records)
     assert logged_config["model"]["base_channels"] == 4 and logged_config["data"]["source"] == "synthetic"
-    assert logged_config["parameters"] == sum(p.numel() for p in VesselSegmentationModule(base_channels=4, depth=2).parameters())
+    assert logged_config["parameters"] == sum(
+        p.numel() for p in VesselSegmentationModule(base_channels=4, depth=2).parameters()
+    )
     assert re.fullmatch(r"[0-9a-f]{40}", logged_config["git_commit"])
 
     rows = history(records)
@@ -87,7 +102,9 @@ def test_offline_run_holds_config_metrics_and_images(tmp_path):
     # One image per validation epoch (the sanity check logs none), with the validation image's true vessels.
     images = [row for row in rows if "val/predictions/filenames" in row]
     assert len(images) == 2
-    datamodule = FundusDataModule(source="synthetic", synthetic_images=4, synthetic_size=(96, 96), val_images=1, seed=42)
+    datamodule = FundusDataModule(
+        source="synthetic", synthetic_images=4, synthetic_size=(96, 96), val_images=1, seed=42
+    )
     datamodule.setup("fit")
     files = next(run_dir.glob("wandb/offline-run-*/files"))
     for row in images:
@@ -104,7 +121,12 @@ def test_offline_run_holds_config_metrics_and_images(tmp_path):
 
     # Resuming from its checkpoint, in a new run directory, continues the same W&B run.
     resumed = tmp_path / "resumed"
-    result = run_module(RUN + [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3", f"hydra.run.dir={resumed}"], cwd=tmp_path, **OFFLINE)
+    result = run_module(
+        RUN
+        + [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3", f"hydra.run.dir={resumed}"],
+        cwd=tmp_path,
+        **OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (resumed_run,) = [r.run for r in wandb_records(resumed) if r.HasField("run")]
     assert resumed_run.run_id == run.run_id
@@ -125,7 +147,9 @@ def test_without_api_key_mode_is_offline_and_no_network_is_touched(tmp_path):
         "sys.addaudithook(lambda event, args: attempts.append(event) if event in network else None)\n"
         "print(resolve_mode(None), attempts)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=wandb_env(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=wandb_env(tmp_path)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[-2] == "offline []"
 
@@ -143,7 +167,9 @@ def test_unreachable_server_falls_back_to_offline_within_the_timeout(tmp_path):
         "    print('mode', run.settings.mode)\n"
     )
     env = wandb_env(tmp_path, WANDB_API_KEY="a" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{port}")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mode offline" in result.stdout
     assert "did not start online" in result.stderr and "wandb sync" in result.stderr

@@ -1,18 +1,14 @@
 import json
-import os
-import subprocess
-import sys
 
-import pytest
-
+from helpers import TINY, TINY_SYNTHETIC, compose_config, run_module
 from retinaseg.metrics import REPORTED
 from retinaseg.train import train
 
-from helpers import TINY, TINY_SYNTHETIC, compose_config
-
 
 def test_tiny_training_on_drive(drive_root, tmp_path):
-    cfg = compose_config("train", TINY + [f"data.root={drive_root}", "model.base_channels=8", "model.depth=4"], tmp_path)
+    cfg = compose_config(
+        "train", TINY + [f"data.root={drive_root}", "model.base_channels=8", "model.depth=4"], tmp_path
+    )
     value = train(cfg)
     assert 0.0 <= value <= 1.0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -20,18 +16,18 @@ def test_tiny_training_on_drive(drive_root, tmp_path):
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
-def run_module(args, cwd, **env):
-    return subprocess.run(
-        [sys.executable, "-m", "retinaseg.train", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **env},
-    )
-
-
 def test_entry_point_writes_the_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     result = run_module(TINY_SYNTHETIC + [f"hydra.run.dir={run_dir}", "trainer.max_epochs=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    for path in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", ".hydra/config.yaml", "train.log", "csv/metrics.csv", "metrics.json"):
+    for path in (
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        ".hydra/config.yaml",
+        "train.log",
+        "csv/metrics.csv",
+        "metrics.json",
+    ):
         assert (run_dir / path).is_file(), path
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert all(0.0 <= metrics[key] <= 1.0 for key in REPORTED)

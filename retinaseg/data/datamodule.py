@@ -15,9 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from retinaseg.data.drive import read_drive
 from retinaseg.data.sample import Sample
-from retinaseg.errors import DataError
 from retinaseg.data.synthetic import synthetic_samples
-
+from retinaseg.errors import DataError
 
 # A run resumed mid-epoch continues the patch stream exactly (FundusDataModule.state_dict), which
 # Lightning cannot tell: it only knows data loaders that have their own state_dict.
@@ -66,7 +65,17 @@ class PatchDataset(Dataset):
     centre, zero-padded where the patch is larger: the seed's whole-image training.
     """
 
-    def __init__(self, samples: list[Sample], patch_size: int, mean, std, augment: bool = True, seed: int = 0, length: int = 1, crop: str = "fov"):
+    def __init__(
+        self,
+        samples: list[Sample],
+        patch_size: int,
+        mean,
+        std,
+        augment: bool = True,
+        seed: int = 0,
+        length: int = 1,
+        crop: str = "fov",
+    ):
         if crop not in ("fov", "centre"):
             raise DataError(f"data.crop must be 'fov' or 'centre', got {crop!r}")
         self.patch_size, self.crop = patch_size, crop
@@ -76,7 +85,9 @@ class PatchDataset(Dataset):
         self.mean, self.std, self.seed, self.length = mean, std, seed, length
         for s in samples if crop == "fov" else []:
             if min(s.fov.shape) < patch_size:
-                raise DataError(f"data.patch_size={patch_size} is larger than image {s.id} ({s.fov.shape[1]}x{s.fov.shape[0]}).")
+                raise DataError(
+                    f"data.patch_size={patch_size} is larger than image {s.id} ({s.fov.shape[1]}x{s.fov.shape[0]})."
+                )
         # Zero padding lets a patch centred near the border be cut without special cases.
         pad = self.pad = self.context // 2 + 1
         self.images = [np.pad(s.image, ((pad, pad), (pad, pad), (0, 0))) for s in samples]
@@ -215,7 +226,12 @@ class FundusDataModule(L.LightningDataModule):
         super().__init__()
         if source not in ("drive", "synthetic"):
             raise ValueError(f"data.source must be 'drive' or 'synthetic', got {source!r}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("patches_per_epoch", patches_per_epoch), ("patch_size", patch_size)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("patches_per_epoch", patches_per_epoch),
+            ("patch_size", patch_size),
+        ):
             if value < 1:
                 raise DataError(f"data.{name} must be >= 1, got {value}")
         if val_images < 1:
@@ -233,7 +249,9 @@ class FundusDataModule(L.LightningDataModule):
         if hp.source == "synthetic":
             # Distinct seeds keep the synthetic test images apart from the training ones.
             seed = hp.seed if split == "training" else hp.seed + 1_000_003
-            samples = synthetic_samples(hp.synthetic_images, seed=seed, height=hp.synthetic_size[0], width=hp.synthetic_size[1])
+            samples = synthetic_samples(
+                hp.synthetic_images, seed=seed, height=hp.synthetic_size[0], width=hp.synthetic_size[1]
+            )
         else:
             samples = read_drive(hp.root, split)
         if hp.clahe:
@@ -245,7 +263,9 @@ class FundusDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and not self.train_samples:
             samples = self.load_split("training")
             if hp.val_images >= len(samples):
-                raise DataError(f"data.val_images={hp.val_images} leaves no training image: there are {len(samples)} training images.")
+                raise DataError(
+                    f"data.val_images={hp.val_images} leaves no training image: there are {len(samples)} training images."
+                )
             order = np.random.default_rng(hp.split_seed).permutation(len(samples))
             val = set(order[: hp.val_images].tolist())
             self.train_samples = [s for i, s in enumerate(samples) if i not in val]
@@ -270,7 +290,9 @@ class FundusDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        dataset = PatchDataset(self.train_samples, hp.patch_size, hp.mean, hp.std, hp.augment, hp.seed, hp.patches_per_epoch, hp.crop)
+        dataset = PatchDataset(
+            self.train_samples, hp.patch_size, hp.mean, hp.std, hp.augment, hp.seed, hp.patches_per_epoch, hp.crop
+        )
         epoch, batches_done = self.resume_at
         return DataLoader(
             dataset,

@@ -48,7 +48,11 @@ class _Files:
     def list(self, folder: str) -> list[str]:
         if self.zip is not None:
             start = self.prefix + folder + "/"
-            return sorted(n[len(start) :] for n in self.zip.namelist() if n.startswith(start) and "/" not in n[len(start) :] and n != start)
+            return sorted(
+                n[len(start) :]
+                for n in self.zip.namelist()
+                if n.startswith(start) and "/" not in n[len(start) :] and n != start
+            )
         path = self.root / folder
         return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
 
@@ -83,7 +87,9 @@ def read_binary(image: Image.Image, where: str) -> np.ndarray:
     values = np.unique(gray)
     if len(values) > 2:
         shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
-        raise DataError(f"{where} is not a binary mask: it holds {len(values)} values ({shown}). Labels and FOV masks must have two values.")
+        raise DataError(
+            f"{where} is not a binary mask: it holds {len(values)} values ({shown}). Labels and FOV masks must have two values."
+        )
     return (gray >= 128 if values.max() > 1 else gray > 0).astype(np.uint8)
 
 
@@ -110,7 +116,9 @@ def read_drive(root: str | Path, split: str) -> list[Sample]:
         raise DataError(f"no DRIVE dataset at data.root={root} (resolved: {root.resolve()}). {HOW_TO_GET}")
     files = _Files(root)
     if not files.has(f"{split}/images"):
-        raise DataError(f"{files.where(split, 'images')} is missing: data.root={root} does not have the DRIVE layout. {HOW_TO_GET}")
+        raise DataError(
+            f"{files.where(split, 'images')} is missing: data.root={root} does not have the DRIVE layout. {HOW_TO_GET}"
+        )
     images = _by_number(files.list(f"{split}/images"))
     if not images:
         raise DataError(f"{files.where(split, 'images')} holds no images. {HOW_TO_GET}")

@@ -84,8 +84,7 @@ def _one(index: int, seed: int, height: int, width: int) -> Sample:
 
     # Illumination: vignetting, a linear gradient, low-frequency blotches and a dark fovea.
     gx, gy = rng.uniform(-0.15, 0.15, 2).tolist()  # plain floats keep the maths in float32
-    blotch = cv2.resize(rng.normal(0, 0.06, (6, 6)).astype(np.float32), (width, height),
-                        interpolation=cv2.INTER_CUBIC)
+    blotch = cv2.resize(rng.normal(0, 0.06, (6, 6)).astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
     light = (1 - 0.35 * r2) * (1 + gy * ys[:, None] + gx * xs[None, :]) + blotch
     light *= 1 - 0.35 * _gauss(xs, ys, fovea, 0.12)
     colour = (rng.uniform(190, 225), rng.uniform(75, 100), rng.uniform(25, 45))
@@ -94,8 +93,10 @@ def _one(index: int, seed: int, height: int, width: int) -> Sample:
     dark = cv2.GaussianBlur(ink, (3, 3), 0).astype(np.float32) * (rng.uniform(0.8, 1.1) / 255)
     # One noise field shared by the channels (luminance-like) keeps this cheap.
     noise = rng.standard_normal((height, width), dtype=np.float32) * 4.0
-    planes = [np.clip((light * c + glow * g) * (1 - dark * k) + noise, 0, 255).astype(np.uint8)
-              for c, g, k in zip(colour, (50, 110, 70), (0.25, 0.5, 0.35))]
+    planes = [
+        np.clip((light * c + glow * g) * (1 - dark * k) + noise, 0, 255).astype(np.uint8)
+        for c, g, k in zip(colour, (50, 110, 70), (0.25, 0.5, 0.35))
+    ]
     img = cv2.merge(planes)  # per-plane clipping then merging is much faster than on (H, W, 3)
     img = cv2.bitwise_and(img, img, mask=fov.view(np.uint8))  # black outside the FOV
     return Sample(id=f"synthetic_{index:03d}", image=img, label=label, fov=fov)
