@@ -21,6 +21,8 @@ from retinaseg import precision as _precision  # noqa: F401  (registers the ${fa
 from retinaseg.errors import exit_on_user_error
 from retinaseg.losses import SegmentationLoss
 from retinaseg.model import UNet
+from retinaseg.tracking import finishing_wandb_run, log_benchmark
+from retinaseg.train import instantiate_group
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +195,9 @@ def table(result: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
+    with exit_on_user_error(), finishing_wandb_run():
         result = benchmark(cfg)
+        log_benchmark(instantiate_group(cfg.get("logger")), result)
     Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")
     log.info(
         "benchmark on %s, settings %s\n%s\nwritten to %s",

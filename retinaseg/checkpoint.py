@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 MARKER_KEY = "net.e1.conv_block.conv1.weight"
 # The original notebook's preprocessing: RGB scaled to [0, 1], no standardisation, no CLAHE.
 ORIGINAL_DATA = {"source": "drive", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "clahe": False}
+# Where a training checkpoint keeps the id and group of the W&B run that wrote it (retinaseg.tracking): a resumed
+# training continues that run, an evaluation joins its group.
+WANDB_RUN_ID_KEY = "wandb_run_id"
+WANDB_GROUP_KEY = "wandb_group"
 WHAT_TO_PASS = (
     "Pass a .ckpt written by `python -m retinaseg.train`, or a U-Net state_dict "
     '(`torch.save(model.state_dict(), "unet.pth")` of the original notebook).'
@@ -38,6 +42,7 @@ class Checkpoint:
     data: the data module's settings the model was trained with (at least mean, std and clahe).
     state_dict: VesselSegmentationModule's weights (keys `net.*`), in the current key names.
     from_state_dict: True for a plain U-Net state_dict, which records no training split or threshold.
+    wandb_run_id, wandb_group: the W&B run that trained it and its group (None: not logged to W&B).
     """
 
     path: Path
@@ -45,6 +50,8 @@ class Checkpoint:
     data: dict
     state_dict: dict
     from_state_dict: bool = False
+    wandb_run_id: str | None = None
+    wandb_group: str | None = None
 
     def build_module(self, inference: dict | None = None) -> VesselSegmentationModule:
         """The model in eval mode, built from the checkpoint's own hyperparameters.
@@ -118,7 +125,9 @@ def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
         raise DataError(
             f"{path} has no data.mean/data.std (datamodule_hyper_parameters): it was not written by `python -m retinaseg.train`."
         )
-    return Checkpoint(path, hparams, data, state)
+    return Checkpoint(
+        path, hparams, data, state, wandb_run_id=content.get(WANDB_RUN_ID_KEY), wandb_group=content.get(WANDB_GROUP_KEY)
+    )
 
 
 def _unet_state_dict(path: Path, content) -> Checkpoint | None:

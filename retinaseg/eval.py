@@ -15,7 +15,7 @@ from PIL import Image
 from rich.progress import track
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
-from retinaseg import plots
+from retinaseg import plots, tracking
 from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data.datamodule import FundusDataModule, normalize
 from retinaseg.data.sample import Sample
@@ -183,24 +183,6 @@ def draw_plots(
     return figures
 
 
-def log_to_loggers(cfg: DictConfig, metrics: dict, figures: dict[str, Path]) -> None:
-    """The numbers of metrics.json (flattened, prefixed by the split) and the figures, to the run's loggers."""
-    split = metrics["split"]
-    flat = {f"{split}/{key}": metrics[key] for key in (*REPORTED, "threshold")}
-    for group in ("per_image_mean", "whole_image", "second_observer"):
-        flat.update(
-            {f"{split}/{group}/{key}": metrics[group][key] for key in REPORTED if key in metrics.get(group, {})}
-        )
-    for logger in instantiate_group(cfg.get("logger")):
-        logger.log_hyperparams(
-            {key: metrics[key] for key in ("checkpoint", "split", "threshold_from", "tta", "inference")}
-        )
-        logger.log_metrics(flat, step=0)
-        plots.log_images([logger], figures)
-        logger.save()
-        logger.finalize("success")
-
-
 def evaluate(cfg: DictConfig) -> dict:
     """Score `cfg.ckpt_path` on `cfg.split`, write the run directory's files, return metrics.json's content."""
     if cfg.split not in SPLITS:
@@ -255,7 +237,11 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics["second_observer"] = result["second_observer"]
     write_outputs(output_dir, metrics, result["per_image"], probs, samples)
     figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images)
-    log_to_loggers(cfg, metrics, figures)
+    # A W&B run joins the group of the training run that wrote the checkpoint.
+    loggers = instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
+    tracking.log_evaluation(
+        loggers, metrics, result["per_image"], figures, samples[: cfg.plot_images], probs, checkpoint, module
+    )
     print(table(metrics))
     log.info("evaluation of %s written to %s", metrics["checkpoint"], output_dir)
     return metrics
@@ -263,7 +249,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
+    with exit_on_user_error(), tracking.finishing_wandb_run():
         evaluate(cfg)
 
 

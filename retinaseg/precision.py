@@ -6,13 +6,20 @@ import torch
 from omegaconf import OmegaConf
 
 
+def cpu_info() -> tuple[str | None, set[str]]:
+    """The CPU's model name and feature flags, from Linux's /proc/cpuinfo (None and no flags elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None, set()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last processor's, all alike
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    return fields.get("model name"), set(fields.get("flags", "").split())
+
+
 def cpu_has_bf16() -> bool:
     """True where the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_info()[1])
 
 
 def fastest_precision() -> str:

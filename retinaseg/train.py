@@ -20,9 +20,14 @@ from retinaseg.tracking import finishing_wandb_run, start_tracking
 log = logging.getLogger(__name__)
 
 
-def instantiate_group(group: DictConfig | None) -> list:
-    """Objects of a config group whose entries are each a `_target_` (callbacks, loggers)."""
-    return [hydra.utils.instantiate(c, _convert_="all") for c in (group or {}).values() if c and "_target_" in c]
+def instantiate_group(group: DictConfig | None, **extra: dict) -> list:
+    """Objects of a config group whose entries are each a `_target_` (callbacks, loggers); `extra[<entry>]`: more
+    arguments for that entry."""
+    return [
+        hydra.utils.instantiate(c, **extra.get(name, {}), _convert_="all")
+        for name, c in (group or {}).items()
+        if c and "_target_" in c
+    ]
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -4,10 +4,11 @@ an Optuna study of two trials; the SLURM launcher's config."""
 import re
 
 import optuna
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from helpers import CONF, TINY_SYNTHETIC, run_module
+from helpers import CONF, TINY_SYNTHETIC, run_module, wandb_runs
 
 # Microseconds in the name keep sweeps started in the same second apart.
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}")
@@ -17,6 +18,7 @@ def overrides(job_dir) -> list[str]:
     return yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
 
 
+@pytest.mark.slow
 def test_multirun_runs_each_combination_in_its_own_directory(tmp_path):
     result = run_module(
         ["-m", "model.loss=dice,bce", "logger=wandb"] + TINY_SYNTHETIC, cwd=tmp_path, WANDB_MODE="offline"
@@ -27,9 +29,18 @@ def test_multirun_runs_each_combination_in_its_own_directory(tmp_path):
     for job, loss in ((0, "dice"), (1, "bce")):
         assert f"model.loss={loss}" in overrides(sweep / str(job))
         assert (sweep / str(job) / "metrics.json").is_file() and (sweep / str(job) / "csv" / "metrics.csv").is_file()
-    # Each job is a W&B run of its own, finished before the next job starts.
-    runs = [list((sweep / str(job) / "wandb").glob("offline-run-*")) for job in (0, 1)]
-    assert [len(r) for r in runs] == [1, 1] and runs[0][0].name.split("-")[-1] != runs[1][0].name.split("-")[-1]
+    # Each job is a W&B run of its own, finished before the next job starts, named by its overrides, in one group
+    # named after the sweep, with its swept parameter flat in the config.
+    runs = [wandb_runs(sweep / str(job)) for job in (0, 1)]
+    assert [len(r) for r in runs] == [1, 1]
+    (first,), (second,) = runs
+    assert first.run.run_id != second.run.run_id
+    common = "base_channels=4 depth=2 patch_size=32 patches_per_epoch=32 batch_size=16 max_epochs=1 precision=32-true"
+    common += " data=synthetic synthetic_images=4 synthetic_size=[96,96] val_images=1"
+    assert [r.run.display_name for r in (first, second)] == [f"train loss={loss} {common}" for loss in ("dice", "bce")]
+    assert [r.config["loss"] for r in (first, second)] == ["dice", "bce"]
+    assert first.run.run_group == second.run.run_group == sweep.name
+    assert first.run.job_type == second.run.job_type == "train"
 
     summary = yaml.safe_load((sweep / "sweep_summary.yaml").read_text())
     assert [job["status"] for job in summary["jobs"]] == ["COMPLETED", "COMPLETED"]
@@ -58,6 +69,7 @@ def test_failing_jobs_are_reported_with_their_overrides_and_the_sweep_goes_on(tm
     )
 
 
+@pytest.mark.slow
 def test_optuna_study_of_two_trials_kept_in_its_storage(tmp_path):
     sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
     # TINY_SYNTHETIC fixes base channels, patch and batch size: the study searches lr, loss and CLAHE.
@@ -68,9 +80,15 @@ def test_optuna_study_of_two_trials_kept_in_its_storage(tmp_path):
         f"hydra.sweeper.storage={storage}",
         f"hydra.sweep.dir={sweep}",
     ]
-    result = run_module(args + TINY_SYNTHETIC, cwd=tmp_path)
+    result = run_module(args + TINY_SYNTHETIC + ["logger=wandb"], cwd=tmp_path, WANDB_MODE="offline")
     assert result.returncode == 0, result.stderr[-3000:]
 
+    # Both trials are W&B runs in the study's group, with the sampled parameters flat in their config.
+    runs = wandb_runs(sweep)
+    assert [r.run.run_group for r in runs] == ["retinaseg", "retinaseg"]
+    assert all(
+        {"lr", "loss", "clahe"} <= set(r.config) and f"lr={r.config['lr']:.4g}" in r.run.display_name for r in runs
+    )
     trials = [dict(arg.split("=", 1) for arg in overrides(sweep / str(job))) for job in (0, 1)]
     assert all(
         {"model.lr", "model.loss", "data.clahe"} <= set(trial) and trial["model.base_channels"] == "4"
