@@ -60,7 +60,7 @@ def resolve_mode(mode: str | None) -> str:
 @dataclass(frozen=True)
 class Override:
     """One command-line override that says what a run is. key: as typed (`model.lr`, `data` for a config group,
-    `~callbacks.plots`); short: its last component (`lr`); text: the value as a name shows it; value: typed."""
+    `~callbacks.plots`); short: without its config group (`lr`, `plots`); text: the value as a name shows it; value: typed."""
 
     key: str
     short: str
@@ -71,7 +71,7 @@ class Override:
 def run_overrides(overrides: Sequence[str]) -> list[Override]:
     """The overrides of `overrides` (Hydra's `hydra.overrides.task`: the command line, or a sweep job's own) that
     say what a run is, in their order: not those of `NOISE`, nor one whose value is a path (holds a `/`). An
-    override given twice counts once, with its last value. Keys are shortened to their last component unless two
+    override given twice counts once, with its last value. Keys are shortened by their config group unless two
     would then read the same; floats are shown with 4 significant digits (an Optuna trial's lr=0.001234)."""
     kept: dict[str, tuple[str, Any, bool]] = {}
     for override in OverridesParser.create().parse_overrides(list(overrides)):
@@ -85,10 +85,13 @@ def run_overrides(overrides: Sequence[str]) -> list[Override]:
         if isinstance(value, float):
             text = f"{value:.4g}"
         kept[key] = (text, value, override.is_delete())
-    lasts = [key.rsplit(".", 1)[-1] for key in kept]
+    # A key loses its config group only: `model.lr` -> `lr`, but `model.inference.batch_size` ->
+    # `inference.batch_size`, not `batch_size`, which is the data module's (Lightning logs the model's and data
+    # module's settings flat under their own names).
+    shorts = [key.split(".", 1)[-1] for key in kept]
     result = []
     for key, (text, value, delete) in kept.items():
-        short = key.rsplit(".", 1)[-1] if lasts.count(key.rsplit(".", 1)[-1]) == 1 else key
+        short = key.split(".", 1)[-1] if shorts.count(key.split(".", 1)[-1]) == 1 else key
         result.append(Override(f"~{key}" if delete else key, f"~{short}" if delete else short, text, value))
     return result
 

@@ -75,9 +75,10 @@ def test_run_name_is_experiment_or_task_and_the_overrides_that_say_what_the_run_
 
 
 def test_run_name_keeps_keys_apart_and_values_short():
-    assert run_name("train", None, ["data.batch_size=8", "model.inference.batch_size=2", "model.depth=3"]) == (
-        "train data.batch_size=8 model.inference.batch_size=2 depth=3"
+    assert run_name("train", None, ["model.inference.batch_size=2", "model.depth=3"]) == (
+        "train inference.batch_size=2 depth=3"
     )
+    assert run_name("train", None, ["data.seed=1", "model.seed=2", "seed=3"]) == "train data.seed=1 model.seed=2 seed=3"
     # An Optuna trial's float, a later value of the same key, a removed entry.
     assert run_name("train", None, ["model.lr=0.00123456789", "seed=1", "seed=2", "~callbacks.plots"]) == (
         "train lr=0.001235 seed=2 ~plots"
