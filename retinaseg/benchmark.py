@@ -10,20 +10,22 @@ import json
 import logging
 import platform
 import time
-from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from retinaseg import precision as _precision  # noqa: F401  (registers the ${fastest_precision:} resolver)
-from retinaseg.errors import exit_on_user_error
+from retinaseg import config
+from retinaseg.errors import ConfigError, check_choice, check_int, exit_on_user_error
+from retinaseg.inference import MODES
 from retinaseg.losses import SegmentationLoss
 from retinaseg.model import UNet
+from retinaseg.runs.safe_io import write_text
 from retinaseg.tracking import finishing_wandb_run, log_benchmark
 from retinaseg.train import instantiate_group
 
+config.setup()
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -118,10 +120,27 @@ def inference_seconds(cfg: DictConfig, datamodule, mode: str, precision: str, de
     return sum(times[1:]) / max(1, len(times) - 1)
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """The benchmark's own settings (model.* and data.* are checked where they are read)."""
+    check_int("seed", cfg.seed)
+    check_int("steps", cfg.steps, minimum=1)
+    check_int("warmup_steps", cfg.warmup_steps, minimum=0)
+    check_int("rounds", cfg.rounds, minimum=1)
+    check_int("inference_images", cfg.inference_images, minimum=1)
+    for mode in cfg.inference_modes:
+        check_choice("inference_modes[]", mode, MODES)
+    if not cfg.precisions:
+        raise ConfigError("precisions must name at least one precision, e.g. [32-true]")
+    for precision in cfg.precisions:
+        check_choice("precisions[]", precision, ("32-true", *AUTOCAST))
+
+
 def benchmark(cfg: DictConfig) -> dict:
+    check_settings(cfg)
     L.seed_everything(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    hydra.utils.instantiate(cfg.model, _convert_="all")  # checks model.* before the plain loop uses them unchecked
     datamodule.setup("fit")
     datamodule.setup("test")
     loader = datamodule.train_dataloader()
@@ -197,8 +216,8 @@ def table(result: dict) -> str:
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error(), finishing_wandb_run():
         result = benchmark(cfg)
+        write_text(cfg.output, json.dumps(result, indent=2) + "\n")
         log_benchmark(instantiate_group(cfg.get("logger")), result)
-    Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")
     log.info(
         "benchmark on %s, settings %s\n%s\nwritten to %s",
         result["machine"],

@@ -1,14 +1,173 @@
-"""Training callbacks: figures of the run (retinaseg.plots) written into its directory and sent to loggers."""
+"""Lightning callbacks of a training run (wired in by conf/callbacks/default.yaml).
 
+- `RunCheckpoint`: best.ckpt / last.ckpt, still tracked after the run directory was moved;
+- `CheckpointOnSigterm` (with `exit_on_sigterm`): last.ckpt when a scheduler's SIGTERM stops training;
+- `StopOnNonFiniteLoss`: a clear stop at the first NaN, before broken weights are checkpointed;
+- `TrimLogsOnResume`: csv/metrics.csv without the rows a resumed run logs again;
+- `KeepWandbRun`: the W&B run's id and group in every checkpoint (a continued training logs to the same run);
+- `PlotsCallback`: the run's figures.
+"""
+
+import contextlib
 import logging
+import signal
+import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from retinaseg import plots
+from retinaseg.checkpoint import WANDB_GROUP_KEY, WANDB_RUN_ID_KEY
+from retinaseg.errors import DivergedError
+from retinaseg.runs.metrics_csv import MetricsCSVLogger
+from retinaseg.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which also keeps tracking the best checkpoint of a run directory that was moved
+    or copied before it was resumed.
+
+    A checkpoint records the absolute paths of the run's checkpoints. Where they are not under the current
+    `dirpath` Lightning drops the tracking, best score included, and the resumed run would save its next
+    epoch, however bad, as `best-v1.ckpt` and test it. Recorded paths are taken relative to the directory
+    they were in, when the best checkpoint is found at the same place in this run's directory; otherwise
+    (a checkpoint continued in a new run directory) Lightning's handling is kept.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # The key of this callback's state in a checkpoint: Lightning's own (`ModelCheckpoint{...}`), so that
+        # checkpoints written with Lightning's ModelCheckpoint resume with their tracking, and the other way round.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        recorded = state_dict.get("dirpath")
+        if recorded and self.dirpath and recorded != self.dirpath:
+            best = self._moved(state_dict.get("best_model_path"), recorded)
+            if best and Path(best).is_file():
+                paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+                state_dict = {
+                    **state_dict,
+                    **{key: self._moved(state_dict.get(key), recorded) for key in paths},
+                    "best_k_models": {
+                        self._moved(path, recorded): score
+                        for path, score in state_dict.get("best_k_models", {}).items()
+                    },
+                    "dirpath": self.dirpath,
+                }
+        super().load_state_dict(state_dict)
+
+    def _moved(self, path: str | None, recorded: str) -> str | None:
+        """`path`, under `recorded`, as the same path under this run's `dirpath`."""
+        if not path:
+            return path
+        try:
+            return str(Path(self.dirpath) / Path(path).relative_to(recorded))
+        except ValueError:
+            return path
+
+
+class CheckpointOnSigterm(L.Callback):
+    """Saves last.ckpt when a SIGTERM (a scheduler's notice before pre-emption) stops training.
+
+    Lightning stops at the end of the current training batch; the checkpoint records that batch, and the
+    data module's state lets the resumed run continue the epoch with the patches not yet seen. Nothing is
+    saved when the SIGTERM comes during validation (the resumed run would skip the rest of it, so that
+    epoch would never be validated) or testing (the model then holds the best weights, not the last): last.ckpt
+    stays the one written at the end of the previous epoch, and the resumed run repeats the epoch exactly.
+    """
+
+    def __init__(self, run_dir: str):
+        self.last = RunDir(run_dir).last
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING and trainer.training:
+            trainer.save_checkpoint(self.last)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm(run_dir: str):
+    """Turn Lightning's stop on SIGTERM into a message saying how to resume, and exit status 143."""
+    try:
+        yield
+    except SIGTERMException:
+        if RunDir(run_dir).last.is_file():
+            log.error(
+                "stopped by SIGTERM; last.ckpt saved: continue with "
+                "`python -m retinaseg.train <the run's overrides> resume=%s`",
+                run_dir,
+            )
+        else:
+            log.error("stopped by SIGTERM before the first checkpoint: nothing to resume, start the run again")
+        sys.exit(128 + signal.SIGTERM)
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops training at the first NaN or infinite training loss, naming the step.
+
+    Weights are checked again before each checkpoint is written, so the checkpoints on disk stay the
+    last good ones.
+    """
+
+    def __init__(self, run_dir: str):
+        self.last = RunDir(run_dir).last
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        # Before backward, so the optimizer never steps on it.
+        if not torch.isfinite(loss).all():
+            batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
+            self._stop(
+                trainer,
+                f"the training loss is {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch})",
+            )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        bad = next((name for name, p in pl_module.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            self._stop(
+                trainer, f"weight {bad} is not finite at step {trainer.global_step} (epoch {trainer.current_epoch})"
+            )
+
+    def _stop(self, trainer: L.Trainer, what: str) -> None:
+        kept = (
+            f"the last good checkpoint is {self.last}" if self.last.is_file() else "no checkpoint was written before it"
+        )
+        raise DivergedError(
+            f"{what}: training stopped; {kept}. Lower model.lr, use trainer.precision=32-true, or check the input data."
+        )
+
+
+class TrimLogsOnResume(L.Callback):
+    """On resume, removes the CSV rows of steps after the checkpoint: logged before the interruption,
+    they would otherwise appear twice once the resumed run logs them again."""
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Testing the best checkpoint loads it too; only a resumed fit logs those steps again.
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, MetricsCSVLogger):
+                logger.drop_rows_from(checkpoint["global_step"])
+
+
+class KeepWandbRun(L.Callback):
+    """Stores the id and group of the run's W&B run in every checkpoint: a training continued from one logs to the
+    same W&B run (retinaseg.runs.resume reads it back), an evaluation joins its group (retinaseg.eval). Does
+    nothing without a W&B logger."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if logger is not None and logger.version is not None:
+            checkpoint[WANDB_RUN_ID_KEY] = logger.version
+            if trainer.is_global_zero:  # other DDP processes hold no W&B run (and save no file)
+                checkpoint[WANDB_GROUP_KEY] = logger.experiment.group or None
 
 
 class PlotsCallback(L.Callback):
@@ -23,12 +182,15 @@ class PlotsCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, MetricsCSVLogger)), None)
         if csv_logger is None:
             log.info("no CSV logger: plots/curves.png is not drawn")
             return
         csv_logger.save()  # flush rows still buffered
-        path = plots.training_curves(Path(csv_logger.log_dir) / "metrics.csv", self.dirpath / "curves.png")
+        if not csv_logger.path.is_file():
+            log.info("nothing was logged: plots/curves.png is not drawn")
+            return
+        path = plots.training_curves(csv_logger.path, self.dirpath / "curves.png")
         plots.log_images(trainer.loggers, {"plots/curves": path})
         log.info("training curves: %s", path)
 

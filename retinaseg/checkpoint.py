@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from retinaseg.errors import DataError
+from retinaseg.errors import ConfigError, DataError
+from retinaseg.inference import check_inference
 from retinaseg.model import UNet, rename_legacy_keys
 from retinaseg.module import VesselSegmentationModule
 
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 MARKER_KEY = "net.e1.conv_block.conv1.weight"
 # The original notebook's preprocessing: RGB scaled to [0, 1], no standardisation, no CLAHE.
 ORIGINAL_DATA = {"source": "drive", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "clahe": False}
-# Where a training checkpoint keeps the id and group of the W&B run that wrote it (retinaseg.tracking): a resumed
-# training continues that run, an evaluation joins its group.
+# Where a training checkpoint keeps the id and group of the W&B run that wrote it (retinaseg.callbacks.KeepWandbRun):
+# a resumed training continues that run, an evaluation joins its group.
 WANDB_RUN_ID_KEY = "wandb_run_id"
 WANDB_GROUP_KEY = "wandb_group"
 WHAT_TO_PASS = (
@@ -42,7 +43,9 @@ class Checkpoint:
     data: the data module's settings the model was trained with (at least mean, std and clahe).
     state_dict: VesselSegmentationModule's weights (keys `net.*`), in the current key names.
     from_state_dict: True for a plain U-Net state_dict, which records no training split or threshold.
-    wandb_run_id, wandb_group: the W&B run that trained it and its group (None: not logged to W&B).
+    resumable: True when it holds what training continues from (optimizer and loop state), not weights only.
+    wandb_run_id, wandb_group: the W&B run that trained it and its group (None: not logged to W&B); a training
+    continued from it logs to that run, an evaluation joins that group.
     """
 
     path: Path
@@ -50,6 +53,7 @@ class Checkpoint:
     data: dict
     state_dict: dict
     from_state_dict: bool = False
+    resumable: bool = False
     wandb_run_id: str | None = None
     wandb_group: str | None = None
 
@@ -60,7 +64,7 @@ class Checkpoint:
         switched off (a one-off evaluation would spend longer compiling than predicting).
         """
         hparams = {**self.hyper_parameters, "compile": False}
-        overrides = {k: v for k, v in (inference or {}).items() if v is not None}
+        overrides = check_inference({k: v for k, v in (inference or {}).items() if v is not None}, "inference")
         hparams["inference"] = {**(hparams.get("inference") or {}), **overrides}
         module = VesselSegmentationModule(**hparams)
         try:
@@ -125,8 +129,15 @@ def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
         raise DataError(
             f"{path} has no data.mean/data.std (datamodule_hyper_parameters): it was not written by `python -m retinaseg.train`."
         )
+    resumable = all(key in content for key in ("optimizer_states", "loops", "epoch", "global_step"))
     return Checkpoint(
-        path, hparams, data, state, wandb_run_id=content.get(WANDB_RUN_ID_KEY), wandb_group=content.get(WANDB_GROUP_KEY)
+        path,
+        hparams,
+        data,
+        state,
+        resumable=resumable,
+        wandb_run_id=content.get(WANDB_RUN_ID_KEY),
+        wandb_group=content.get(WANDB_GROUP_KEY),
     )
 
 
@@ -163,10 +174,17 @@ def _unet_state_dict(path: Path, content) -> Checkpoint | None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto`: the GPU where there is one, else the CPU; otherwise the named device."""
+    """`auto`: the GPU where there is one, else the CPU; otherwise the named device, which must exist here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise DataError(f"device={device!r} is not a device: {error}. Use auto, cpu, cuda or cuda:<n>.") from None
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"device={device!r} is not a device: {error}. Use auto, cpu, cuda or cuda:<n>.") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={device} but this machine has no usable GPU: use device=auto or device=cpu.")
+        if (resolved.index or 0) >= count:
+            raise ConfigError(f"device={device} but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}.")
+    return resolved

@@ -2,6 +2,7 @@
 by the DRIVE protocol (pooled over the FOV pixels of the split) and write what every number comes from."""
 
 import csv
+import io
 import json
 import logging
 import os
@@ -11,19 +12,20 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from rich.progress import track
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
-from retinaseg import plots, tracking
+from retinaseg import config, plots, tracking
 from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data.datamodule import FundusDataModule, normalize
 from retinaseg.data.sample import Sample
-from retinaseg.errors import DataError, exit_on_user_error
+from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
 from retinaseg.metrics import REPORTED, FOVMetrics, reported
 from retinaseg.module import VesselSegmentationModule
+from retinaseg.runs.safe_io import write_atomically, write_png, write_text
 from retinaseg.train import instantiate_group
 
+config.setup()
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
@@ -144,18 +146,18 @@ def table(metrics: dict) -> str:
 def write_outputs(
     output_dir: Path, metrics: dict, per_image: list[dict], probs: dict[str, np.ndarray], samples: list[Sample]
 ) -> None:
-    """metrics.json, per_image.csv, probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(output_dir / "per_image.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["id", *REPORTED])
-        writer.writeheader()
-        writer.writerows(per_image)
-    np.savez_compressed(output_dir / "probabilities.npz", **probs)
-    (output_dir / "predictions").mkdir(exist_ok=True)
+    """metrics.json, per_image.csv, probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV), each
+    written to a temporary name and renamed: a full disk never leaves a partial file under a real name."""
+    write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["id", *REPORTED])
+    writer.writeheader()
+    writer.writerows(per_image)
+    write_text(output_dir / "per_image.csv", table.getvalue())
+    write_atomically(output_dir / "probabilities.npz", lambda file: np.savez_compressed(file, **probs))
     for s in samples:
         mask = (probs[s.id] > metrics["threshold"]) & s.fov
-        Image.fromarray(mask.astype(np.uint8) * 255).save(output_dir / "predictions" / f"{s.id}.png")
+        write_png(output_dir / "predictions" / f"{s.id}.png", mask.astype(np.uint8) * 255)
 
 
 def draw_plots(
@@ -185,21 +187,19 @@ def draw_plots(
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score `cfg.ckpt_path` on `cfg.split`, write the run directory's files, return metrics.json's content."""
-    if cfg.split not in SPLITS:
-        raise DataError(f"split must be one of {SPLITS}, got {cfg.split!r}")
-    threshold = cfg.threshold
-    if threshold != "val" and (
-        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1
-    ):
-        raise DataError(f"threshold must be a number in [0, 1] or 'val', got {threshold!r}")
+    check_choice("split", cfg.split, SPLITS)
+    threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=("val",))
+    check_bool("tta", cfg.tta)
+    check_int("plot_images", cfg.plot_images, minimum=0)
+    device = resolve_device(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     if checkpoint.from_state_dict and (threshold == "val" or cfg.split == "val"):
-        raise DataError(
+        raise ConfigError(
             f"{checkpoint.path} is a plain state_dict, which does not record the images its training held out for "
             "validation: score it on split=test with a fixed threshold (threshold=0.5, the original's)."
         )
-    module = checkpoint.build_module(OmegaConf.to_container(cfg.inference)).to(resolve_device(cfg.device))
+    module = checkpoint.build_module(OmegaConf.to_container(cfg.inference)).to(device)
     settings = data_settings(checkpoint, OmegaConf.to_container(cfg.data))
     data = FundusDataModule(**settings)
 

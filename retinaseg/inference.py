@@ -7,8 +7,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retinaseg.errors import ConfigError, check_choice, check_int, check_number
+
 WEIGHTINGS = ("constant", "gaussian")
 MODES = ("whole", "sliding")
+
+
+def check_inference(settings: dict, prefix: str) -> dict:
+    """The inference settings (mode, window, overlap, batch_size, weighting: those given) checked as the
+    arguments of `predict_probabilities`, a ConfigError naming `<prefix>.<key>` for a bad one."""
+    checks = {
+        "mode": lambda name, value: check_choice(name, value, MODES),
+        "window": lambda name, value: check_int(name, value, minimum=1),
+        "overlap": lambda name, value: check_number(name, value, 0, 1, include_maximum=False),
+        "batch_size": lambda name, value: check_int(name, value, minimum=1),
+        "weighting": lambda name, value: check_choice(name, value, WEIGHTINGS),
+    }
+    for key, value in settings.items():
+        if key not in checks:
+            raise ConfigError(f"{prefix}.{key} is not an inference setting; they are {', '.join(checks)}")
+        checks[key](f"{prefix}.{key}", value)
+    return settings
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:

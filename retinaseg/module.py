@@ -5,13 +5,15 @@ import logging
 import lightning as L
 import torch
 
-from retinaseg.inference import flip_averaged, predict_probabilities
-from retinaseg.losses import SegmentationLoss
+from retinaseg.errors import check_bool, check_choice, check_int, check_number
+from retinaseg.inference import check_inference, flip_averaged, predict_probabilities
+from retinaseg.losses import LOSSES, SegmentationLoss
 from retinaseg.metrics import FOVMetrics
 from retinaseg.model import UNet, rename_legacy_keys
 
 log = logging.getLogger(__name__)
 
+SCHEDULERS = (None, "cosine", "plateau")
 DEFAULT_INFERENCE = {"mode": "whole", "window": 256, "overlap": 0.25, "batch_size": 4, "weighting": "gaussian"}
 
 
@@ -37,8 +39,17 @@ class VesselSegmentationModule(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        if scheduler not in (None, "cosine", "plateau"):
-            raise ValueError(f"model.scheduler must be null, 'cosine' or 'plateau', got {scheduler!r}")
+        # Checked here, where the settings are read, so a bad one is named before anything is built.
+        for name, value in (("in_channels", in_channels), ("base_channels", base_channels), ("depth", depth)):
+            check_int(f"model.{name}", value, minimum=1)
+        check_choice("model.loss", loss, LOSSES)
+        check_number("model.lr", lr, 0, include_minimum=False)
+        check_number("model.weight_decay", weight_decay, 0)
+        check_choice("model.scheduler", scheduler, SCHEDULERS)
+        check_number("model.threshold", threshold, 0, 1)
+        check_inference(inference or {}, "model.inference")
+        check_bool("model.channels_last", channels_last)
+        check_bool("model.compile", compile)
         self.save_hyperparameters()
         self.inference = {**DEFAULT_INFERENCE, **(inference or {})}
         self.net = UNet(in_channels, 1, base_channels, depth)

@@ -15,6 +15,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from torchmetrics.functional.classification import binary_roc
 
+from retinaseg.runs.safe_io import write_atomically
+
 # Error map colours, told apart also by red-green colour-blind readers.
 TP_COLOUR, FP_COLOUR, FN_COLOUR = (255, 255, 255), (255, 90, 30), (0, 160, 255)
 OUTSIDE_FOV = (45, 45, 45)
@@ -29,10 +31,7 @@ CURVE_POINTS = 2000  # points drawn per curve: plenty for the eye, cheap for the
 
 
 def save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return write_atomically(path, lambda file: fig.savefig(file, format="png", dpi=100, bbox_inches="tight"))
 
 
 def epoch_values(metrics_csv: str | Path) -> dict[str, dict[int, float]]:

@@ -1,9 +1,9 @@
-"""The fastest mixed precision the hardware runs well, for `trainer.precision: ${fastest_precision:}`."""
+"""The fastest mixed precision the hardware runs well, for `trainer.precision: ${fastest_precision:}`
+(the resolver is registered by retinaseg.config)."""
 
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 
 def cpu_info() -> tuple[str | None, set[str]]:
@@ -27,7 +27,3 @@ def fastest_precision() -> str:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     # On CPUs without native bf16 (e.g. AVX2-only), bf16 autocast measured 10-17x slower than float32.
     return "bf16-mixed" if cpu_has_bf16() else "32-true"
-
-
-if not OmegaConf.has_resolver("fastest_precision"):
-    OmegaConf.register_new_resolver("fastest_precision", fastest_precision)

@@ -12,17 +12,33 @@ import cv2
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from rich.progress import track
 
+from retinaseg import config
 from retinaseg.checkpoint import load_checkpoint, resolve_device
 from retinaseg.data.datamodule import equalize_contrast, normalize
 from retinaseg.data.drive import read_binary
-from retinaseg.errors import DataError, exit_on_user_error
+from retinaseg.errors import ConfigError, DataError, check_bool, check_number, exit_on_user_error
+from retinaseg.runs.rundir import RunDir
+from retinaseg.runs.safe_io import write_png
 
+config.setup()
 log = logging.getLogger(__name__)
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm")
+# What predict writes for each photograph <stem>.<ext>.
+OUTPUTS = ("{}_prob.png", "{}_mask.png", "{}_overlay.png")
+# How an EXIF orientation tag says to turn the stored pixels upright (as PIL.ImageOps.exif_transpose does).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # Names a FOV mask of `<stem>.<ext>` may have in a fov=<folder>, in order of preference.
 MASK_STEMS = ("{}", "{}_mask", "{}_fov")
 # The FOV is what is brighter than this fraction of the image's 99th-percentile brightness (tuned on
@@ -46,11 +62,27 @@ def read_photograph(path: Path) -> np.ndarray:
             "%s is grayscale: its channel is used as red, green and blue (the model was trained on colour photographs)",
             path.name,
         )
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    elif image.shape[2] == 4:
         log.warning("%s has an alpha channel, which is ignored", path.name)
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    else:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return upright(image, path)
+
+
+def upright(image: np.ndarray, path: Path) -> np.ndarray:
+    """`image` turned as the EXIF orientation tag of its file says (cameras store portraits sideways with one),
+    as image viewers show it; cv2.IMREAD_UNCHANGED does not apply the tag."""
+    try:
+        with Image.open(path) as file:
+            orientation = file.getexif().get(ExifTags.Base.Orientation, 1)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return image
+    if orientation not in UPRIGHT:
+        return image
+    log.info("%s: turned upright as its EXIF orientation tag (%d) says", path.name, orientation)
+    return np.array(Image.fromarray(image).transpose(UPRIGHT[orientation]))
 
 
 def estimate_fov(image: np.ndarray) -> np.ndarray:
@@ -79,6 +111,11 @@ def photographs(input_path: str | None) -> list[Path]:
     path = Path(input_path).expanduser()
     if not path.exists():
         raise DataError(f"input={path}: no such file or folder.")
+    if path.is_dir() and RunDir(path).task() == "predict":
+        raise ConfigError(
+            f"input={path} is the output folder of an earlier predict run (it holds .hydra/): its files are vessel "
+            "maps, not photographs. Pass the folder of the photographs."
+        )
     if path.is_file():
         if path.suffix.lower() not in PHOTO_SUFFIXES:
             raise DataError(
@@ -117,12 +154,16 @@ def given_fov(photo: Path, fov: Path, shape: tuple[int, int]) -> np.ndarray:
         raise DataError(f"fov={fov}: no such file or folder.")
     try:
         with Image.open(fov) as image:
-            mask = read_binary(image, str(fov)).astype(bool)
+            mask = read_binary(ImageOps.exif_transpose(image), str(fov)).astype(bool)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read FOV mask {fov}: {error}") from None
     if mask.shape != shape:
         raise DataError(
             f"FOV mask {fov} is {mask.shape[1]}x{mask.shape[0]} but {photo} is {shape[1]}x{shape[0]} (width x height); they must match."
+        )
+    if not mask.any():
+        raise DataError(
+            f"FOV mask {fov} is empty (all zero): nothing of {photo.name} would be segmented. Replace the mask."
         )
     return mask
 
@@ -136,16 +177,39 @@ def overlay(image: np.ndarray, mask: np.ndarray, fov: np.ndarray) -> np.ndarray:
     return out
 
 
+def output_folder(output_dir: str, photos: list[Path]) -> Path:
+    """`output_dir`, made if needed, after checking that none of the files predict writes for `photos` is there
+    already (predict never writes over a file it did not create in this run)."""
+    folder = Path(output_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output_dir={folder} is a file: pass a folder (it is made if it does not exist).")
+    existing = [
+        folder / name.format(p.stem) for p in photos for name in OUTPUTS if (folder / name.format(p.stem)).exists()
+    ]
+    if existing:
+        shown = ", ".join(p.name for p in existing[:3]) + (
+            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        )
+        raise ConfigError(
+            f"output_dir={folder} already holds {shown}, which predict would overwrite: choose another output_dir "
+            "(or move those files away)."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def predict(cfg: DictConfig) -> list[Path]:
     """Segment every photograph of `cfg.input` into `cfg.output_dir`; return the masks written."""
+    tta = check_bool("tta", cfg.tta)
+    threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=(None,))
+    device = resolve_device(cfg.device)
     photos = photographs(cfg.input)
+    output_dir = output_folder(cfg.output_dir, photos)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     mean, std, clahe = checkpoint.normalisation()
-    module = checkpoint.build_module(OmegaConf.to_container(cfg.inference)).to(resolve_device(cfg.device))
-    threshold = module.hparams.threshold if cfg.threshold is None else float(cfg.threshold)
+    module = checkpoint.build_module(OmegaConf.to_container(cfg.inference)).to(device)
+    threshold = module.hparams.threshold if threshold is None else threshold
     fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     log.info(
         "segmenting %d photograph(s) on %s at threshold %.3g into %s", len(photos), module.device, threshold, output_dir
     )
@@ -155,12 +219,13 @@ def predict(cfg: DictConfig) -> list[Path]:
         image = read_photograph(photo)
         fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
         x = normalize(equalize_contrast(image) if clahe else image, mean, std)[None].to(module.device)
-        prob = module.predict_probabilities(x, cfg.tta)[0, 0].cpu().numpy() * fov
-        mask = prob > threshold
-        Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(output_dir / f"{photo.stem}_prob.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(output_dir / f"{photo.stem}_mask.png")
-        Image.fromarray(overlay(image, mask, fov)).save(output_dir / f"{photo.stem}_overlay.png")
-        written.append(output_dir / f"{photo.stem}_mask.png")
+        prob = module.predict_probabilities(x, tta)[0, 0].cpu().numpy() * fov
+        mask = (prob > threshold) & fov
+        prob_path, mask_path, overlay_path = (output_dir / name.format(photo.stem) for name in OUTPUTS)
+        write_png(prob_path, np.round(prob * 255).astype(np.uint8))
+        write_png(mask_path, mask.astype(np.uint8) * 255)
+        write_png(overlay_path, overlay(image, mask, fov))
+        written.append(mask_path)
     log.info("wrote %d vessel map(s) to %s", len(written), output_dir)
     return written
 

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, read_write
 
-from retinaseg.reliability import write_atomically
+from retinaseg.runs.safe_io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class SweepSummary(Callback):
             log.error(
                 "job #%s failed (overrides: %s): %s", record["job"], " ".join(record["overrides"]), record.get("error")
             )
-        Path(record["dir"], JOB_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+        write_text(Path(record["dir"], JOB_FILE), yaml.safe_dump(record, sort_keys=False))
         self.write_summary(Path(config.hydra.sweep.dir), config.optimized_metric)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -116,7 +116,5 @@ class SweepSummary(Callback):
             "jobs": jobs,
         }
         # Jobs finishing together (on several nodes) never leave a torn file.
-        write_atomically(
-            sweep_dir / SUMMARY_FILE, lambda file: file.write(yaml.safe_dump(summary, sort_keys=False).encode())
-        )
+        write_text(sweep_dir / SUMMARY_FILE, yaml.safe_dump(summary, sort_keys=False))
         return summary

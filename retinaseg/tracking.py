@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from retinaseg.checkpoint import WANDB_GROUP_KEY, WANDB_RUN_ID_KEY, Checkpoint
+from retinaseg.checkpoint import Checkpoint
 from retinaseg.data.sample import Sample
 from retinaseg.plots import displayable, log_images
 from retinaseg.precision import cpu_info
@@ -209,11 +209,9 @@ class WandbLogger(LightningWandbLogger):
         if checkpoint_callback.monitor is not None:
             super().after_save_checkpoint(checkpoint_callback)
 
-    def continue_run_of(self, ckpt_path: str) -> None:
-        """Log to the W&B run that wrote `ckpt_path` (its id is in the checkpoint), when it has one."""
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        run_id = checkpoint.get(WANDB_RUN_ID_KEY)
-        if run_id and self._experiment is None:
+    def continue_run(self, run_id: str) -> None:
+        """Log to the W&B run `run_id` (that of the checkpoint a training continues from)."""
+        if self._experiment is None:
             self._id = self._wandb_init["id"] = run_id
             log.info("resuming W&B run %s", run_id)
 
@@ -253,13 +251,13 @@ def run_facts(model: torch.nn.Module, device: torch.device) -> dict:
     }
 
 
-def start_tracking(loggers: list[Logger], cfg: DictConfig, parameters: int, ckpt_path: str | None) -> None:
-    """Give every logger the composed config, the parameter count and the git commit; a W&B logger resuming
-    from `ckpt_path` continues the W&B run of that checkpoint."""
+def start_tracking(loggers: list[Logger], cfg: DictConfig, parameters: int, wandb_run_id: str | None) -> None:
+    """Give every logger the composed config, the parameter count and the git commit; a W&B logger continues
+    the W&B run `wandb_run_id` (that of the checkpoint the training continues from), when there is one."""
     info = {**OmegaConf.to_container(cfg, resolve=True), "parameters": parameters, "git_commit": git_commit()}
     for logger in loggers:
-        if ckpt_path and isinstance(logger, WandbLogger):
-            logger.continue_run_of(ckpt_path)
+        if wandb_run_id and isinstance(logger, WandbLogger):
+            logger.continue_run(wandb_run_id)
         logger.log_hyperparams(info)
 
 
@@ -296,8 +294,7 @@ def vessel_masks(label: np.ndarray, predicted: np.ndarray) -> dict:
 
 class WandbPredictionImages(L.Callback):
     """Each validation epoch, logs the first `num_images` whole validation images to W&B with their ground-truth
-    and predicted vessel masks; stores the W&B run id and group in checkpoints, so a resumed training continues
-    the run and an evaluation joins its group. Does nothing without a W&B logger."""
+    and predicted vessel masks. Does nothing without a W&B logger."""
 
     def __init__(self, num_images: int = 4):
         self.num_images = num_images
@@ -334,13 +331,6 @@ class WandbPredictionImages(L.Callback):
                 masks=[item["masks"] for item in self.images],
             )
         self.images = []
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        logger = self._logger(trainer)
-        if logger is not None and logger.version is not None:
-            checkpoint[WANDB_RUN_ID_KEY] = logger.version
-            if trainer.is_global_zero:  # other DDP processes hold no W&B run (and save no file)
-                checkpoint[WANDB_GROUP_KEY] = logger.experiment.group or None
 
 
 class WandbSummary(L.Callback):

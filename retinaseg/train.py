@@ -3,20 +3,25 @@
 import contextlib
 import json
 import logging
-from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from retinaseg import precision  # noqa: F401  (registers the ${fastest_precision:} resolver)
-from retinaseg.errors import exit_on_user_error
+from retinaseg import config
+from retinaseg.callbacks import exit_on_sigterm
+from retinaseg.errors import ConfigError, check_bool, check_int, exit_on_user_error, user_error_of
 from retinaseg.metrics import reported
-from retinaseg.reliability import checkpoint_to_resume, exit_on_sigterm, write_atomically
+from retinaseg.runs.resume import plan_start
+from retinaseg.runs.rundir import RunDir
+from retinaseg.runs.safe_io import write_text
 from retinaseg.sweeps import in_multirun, relaunch_ranks_as_this_job
 from retinaseg.tracking import finishing_wandb_run, start_tracking
 
+config.setup()
 log = logging.getLogger(__name__)
 
 
@@ -30,21 +35,39 @@ def instantiate_group(group: DictConfig | None, **extra: dict) -> list:
     ]
 
 
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """The Trainer of conf/trainer with the configured callbacks and loggers; a trainer setting Lightning
+    refuses is reported as a ConfigError with Lightning's reason."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if not (max_epochs is None or max_epochs == -1 or (type(max_epochs) is int and max_epochs >= 1)):
+        raise ConfigError(
+            f"trainer.max_epochs must be an integer >= 1, or -1 for no limit (then set trainer.max_time or "
+            f"trainer.max_steps); got {max_epochs!r}"
+        )
+    callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+    try:
+        return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if user_error_of(error) is None and isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+            raise ConfigError(f"a trainer.* setting is refused by Lightning: {cause}") from None
+        raise
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit and test as configured; return the value of `cfg.optimized_metric` for sweepers."""
-    L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = checkpoint_to_resume(cfg, output_dir)
+    seed, test = check_int("seed", cfg.seed), check_bool("test", cfg.get("test", False))
+    L.seed_everything(seed, workers=True)
+    run_dir = RunDir(cfg.paths.output_dir)
+    start = plan_start(cfg, run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
-    trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
-    )
+    trainer = build_trainer(cfg)
     parameters = sum(p.numel() for p in model.parameters())
-    log.info("U-Net with %s parameters; run directory %s", f"{parameters:,}", output_dir)
-    start_tracking(trainer.loggers, cfg, parameters, ckpt_path)
+    log.info("U-Net with %s parameters; run directory %s", f"{parameters:,}", run_dir.path)
+    start_tracking(trainer.loggers, cfg, parameters, start.wandb_run_id)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=start.ckpt_path)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     if (
         checkpoint is not None
@@ -59,16 +82,14 @@ def train(cfg: DictConfig) -> float | None:
             else None
         )
 
-    if cfg.get("test"):
+    if test:
         best = checkpoint.best_model_path if checkpoint is not None else ""
         if not best:
             log.warning("no best checkpoint was saved; testing the weights at the end of training")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics = {**reported(trainer.callback_metrics, prefix="test/"), "checkpoint": best or None}
         if trainer.is_global_zero:  # every DDP process holds the same (synced) metrics
-            write_atomically(
-                output_dir / "metrics.json", lambda file: file.write((json.dumps(metrics, indent=2) + "\n").encode())
-            )
+            write_text(run_dir.metrics, json.dumps(metrics, indent=2) + "\n")
             log.info("test metrics of %s: %s", best or "the final weights", json.dumps(metrics))
     return value
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the real DRIVE dataset (from $DRIVE_ROOT) and a small trained checkpoint."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,15 @@ def drive_checkpoint(drive_root, tmp_path_factory) -> Path:
         compose_config("train", TINY + [f"data.root={drive_root}", "data.patches_per_epoch=256", "test=false"], run_dir)
     )
     return run_dir / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs, to fill up (mounting needs root; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
+from retinaseg import config
 from retinaseg.data.synthetic import synthetic_samples
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -42,6 +44,9 @@ TINY_SYNTHETIC = TINY + [
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The entry point `name`'s config with `overrides`, its run directory `output_dir` (Hydra's callbacks, which
+    claim the run directory, do not run)."""
+    config.setup()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides)
     with open_dict(cfg):
@@ -64,6 +69,40 @@ def run_entry_point(name: str, args: list[str], cwd: Path, **env: str) -> subpro
 def run_module(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """`python -m retinaseg.train <args>`."""
     return run_entry_point("train", args, cwd, **env)
+
+
+def write_checkpoint(path: Path, cfg: DictConfig, resumable: bool = True) -> Path:
+    """A retinaseg checkpoint of the untrained model and the data settings of training config `cfg`, as a run
+    would save it, without training: `resumable` adds the (empty) optimizer and loop state a resume needs."""
+    from retinaseg.module import VesselSegmentationModule
+
+    model, data = (
+        {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items() if k != "_target_"}
+        for group in ("model", "data")
+    )
+    torch.manual_seed(0)
+    module = VesselSegmentationModule(**model)
+    content = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "datamodule_hyper_parameters": data,
+    }
+    if resumable:
+        content.update(epoch=0, global_step=2, optimizer_states=[], lr_schedulers=[], loops={}, callbacks={})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(content, path)
+    return path
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `error: ...` lines an entry point printed."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def fill_disk(folder: Path, left: int) -> None:
+    """Fill the filesystem of `folder` (a small tmpfs) with one file until `left` bytes are free."""
+    stat = os.statvfs(folder)
+    (folder / "filler").write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - left))
 
 
 def make_drive(root: Path, numbers=(21, 22), split: str = "training", size=(48, 40)) -> Path:

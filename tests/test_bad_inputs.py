@@ -9,7 +9,7 @@ from PIL import Image
 from helpers import TINY, TINY_SYNTHETIC, make_drive, run_module
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.data.drive import read_drive
-from retinaseg.errors import DataError
+from retinaseg.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -42,6 +42,22 @@ def test_a_zip_without_the_drive_layout(tmp_path):
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("photos/01.png", b"not DRIVE")
     with pytest.raises(DataError, match="has no training/images/ inside: not a DRIVE zip"):
+        read_drive(archive, "training")
+
+
+def test_a_damaged_member_of_a_drive_zip_is_named(drive, tmp_path):
+    archive = tmp_path / "DRIVE.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(drive.rglob("*")):
+            if path.is_file():
+                z.write(path, f"DRIVE/{path.relative_to(drive)}")
+    with zipfile.ZipFile(archive) as z:
+        member = z.getinfo("DRIVE/training/images/22_training.tif")
+    data = bytearray(archive.read_bytes())
+    start = member.header_offset + 30 + len(member.filename) + len(member.extra)  # the member's compressed bytes
+    data[start + 20 : start + 60] = bytes(40)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="cannot read image .*DRIVE.zip:DRIVE/training/images/22_training.tif"):
         read_drive(archive, "training")
 
 
@@ -113,15 +129,16 @@ def test_an_empty_fov_mask_is_named(drive):
 def test_a_patch_larger_than_the_images(drive):
     dm = FundusDataModule(root=str(drive), val_images=1, patch_size=64)
     dm.setup("fit")
-    with pytest.raises(DataError, match="data.patch_size=64 is larger than image"):
+    with pytest.raises(ConfigError, match="data.patch_size=64 is larger than image"):
         dm.train_dataloader()
 
 
 # patch_size need not be a multiple of 2**depth: the U-Net pads any size (tests/test_model.py);
-# val_images >= the number of images and batch_size < 1: tests/test_data.py; both are DataErrors, like
-# the unreadable file below, so from the command line they too are one message and exit status 2.
+# val_images >= the number of images and batch_size < 1: tests/test_data.py; bad settings through every
+# entry point: tests/test_settings.py.
 
 
+@pytest.mark.slow
 def test_a_bad_file_from_the_command_line_is_one_message_and_exit_2(drive, tmp_path):
     path = drive / "training" / "images" / "22_training.tif"
     path.write_bytes(path.read_bytes()[:300])
@@ -133,6 +150,7 @@ def test_a_bad_file_from_the_command_line_is_one_message_and_exit_2(drive, tmp_p
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_an_unknown_override_key_is_hydras_short_error(tmp_path):
     result = run_module(TINY_SYNTHETIC + ["data.patchsize=32", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode != 0

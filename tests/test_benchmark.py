@@ -1,9 +1,12 @@
 """The benchmark runs end to end in a tiny configuration (a smoke test: no timing is asserted)."""
 
+import pytest
+
 from helpers import TINY_SYNTHETIC, compose_config
 from retinaseg.benchmark import benchmark, table
 
 
+@pytest.mark.slow
 def test_benchmark_measures_every_variant(tmp_path):
     overrides = [o for o in TINY_SYNTHETIC if not o.startswith("trainer.")]
     cfg = compose_config(

@@ -8,7 +8,7 @@ import torch
 from retinaseg.data.datamodule import EpochSampler, FundusDataModule, PatchDataset, equalize_contrast
 from retinaseg.data.drive import read_drive
 from retinaseg.data.synthetic import synthetic_samples
-from retinaseg.errors import DataError
+from retinaseg.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,16 @@ def test_clahe_raises_vessel_contrast_and_applies_to_every_split(drive_test):
 
 
 def test_bad_settings_are_clear_errors():
-    with pytest.raises(DataError, match="val_images=6 leaves no training image"):
+    with pytest.raises(ConfigError, match="val_images=6 leaves no training image"):
         FundusDataModule(source="synthetic", synthetic_images=6, synthetic_size=(64, 64), val_images=6).setup("fit")
-    with pytest.raises(DataError, match="batch_size must be >= 1"):
+    with pytest.raises(ConfigError, match=r"data.batch_size must be an integer >= 1; got 0"):
         FundusDataModule(source="synthetic", batch_size=0)
+
+
+def test_a_resumed_epoch_skips_the_patches_already_trained_on():
+    sampler = EpochSampler(8, epoch=1, skip=3)
+    assert list(sampler) == [11, 12, 13, 14, 15] and len(sampler) == 8
+    sampler.set_epoch(1)
+    assert list(sampler)[0] == 11
+    sampler.set_epoch(2)
+    assert list(sampler) == list(range(16, 24))

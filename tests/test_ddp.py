@@ -14,6 +14,9 @@ from helpers import TINY_SYNTHETIC, run_module
 from retinaseg.metrics import REPORTED, reported
 from retinaseg.module import VesselSegmentationModule
 
+# Every test here trains.
+pytestmark = pytest.mark.slow
+
 # 5 test images are shared 3/2 between the processes; the 1 validation image is evaluated by both.
 # Enough steps (8 per process and epoch) for predictions that are neither all background nor all vessel.
 DDP = TINY_SYNTHETIC + [

@@ -21,6 +21,7 @@ def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:
     return evaluate(compose_config("eval", [f"ckpt_path={ckpt_path}", *overrides], output_dir))
 
 
+@pytest.mark.slow
 def test_eval_files_recompute_independently(drive_root, drive_checkpoint, tmp_path, capsys):
     run_eval(drive_checkpoint, [f"data.root={drive_root}"], tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -88,6 +89,7 @@ def pooled_f1(probs, labels, threshold: float) -> float:
     return 2 * tp / (2 * tp + fp + fn)
 
 
+@pytest.mark.slow
 def test_threshold_val_is_chosen_on_validation_images_only(drive_root, drive_checkpoint, tmp_path):
     val = run_eval(
         drive_checkpoint, [f"data.root={drive_root}", "threshold=val", "split=val", "plot_images=0"], tmp_path / "val"

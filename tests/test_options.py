@@ -1,6 +1,7 @@
 """Speed options compose and run: bf16 autocast on CPU, channels_last, torch.compile."""
 
 import lightning as L
+import pytest
 import torch
 
 from helpers import TINY_SYNTHETIC, compose_config
@@ -9,6 +10,7 @@ from retinaseg.precision import fastest_precision
 from retinaseg.train import train
 
 
+@pytest.mark.slow
 def test_bf16_mixed_training_on_cpu_keeps_the_loss_in_float32(tmp_path):
     cfg = compose_config(
         "train", TINY_SYNTHETIC + ["trainer.precision=bf16-mixed", "debug=fast", "model.channels_last=false"], tmp_path

@@ -1,6 +1,7 @@
 """Figures: training curves and the prediction grid of a real (tiny) training, error map colours, logging images."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import TINY_SYNTHETIC, compose_config
@@ -8,6 +9,7 @@ from retinaseg import plots
 from retinaseg.train import train
 
 
+@pytest.mark.slow
 def test_training_draws_curves_and_test_predictions(tmp_path):
     cfg = compose_config("train", TINY_SYNTHETIC + ["trainer.max_epochs=2", "callbacks.plots.num_images=2"], tmp_path)
     train(cfg)

@@ -8,14 +8,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from helpers import compose_config
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.datamodule import equalize_contrast, normalize
 from retinaseg.data.drive import read_drive
 from retinaseg.errors import DataError
-from retinaseg.predict import estimate_fov, predict
+from retinaseg.predict import estimate_fov, predict, read_photograph
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,7 @@ def read(path) -> np.ndarray:
     return np.array(Image.open(path))
 
 
+@pytest.mark.slow
 def test_predict_entry_point_on_a_folder_of_formats(drive_checkpoint, photo_folder, test_samples, tmp_path):
     folder, _ = photo_folder
     out = tmp_path / "out"
@@ -87,6 +88,7 @@ def test_predict_entry_point_on_a_folder_of_formats(drive_checkpoint, photo_fold
     assert np.array_equal(read(out / "rgb_prob.png"), read(out / "deep_prob.png"))
 
 
+@pytest.mark.slow
 def test_predict_with_given_fov_masks(drive_checkpoint, photo_folder, test_samples, tmp_path):
     folder, masks = photo_folder
     for fov, out in ((masks, tmp_path / "folder"), (masks / "gray_mask.gif", tmp_path / "file")):
@@ -107,6 +109,21 @@ def test_predict_with_given_fov_masks(drive_checkpoint, photo_folder, test_sampl
         assert not prob[~given].any() and np.array_equal(mask > 0, given)
 
 
+def test_a_photograph_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """Cameras store a portrait sideways with an EXIF orientation tag; it is read as viewers show it."""
+    image = np.zeros((40, 64, 3), np.uint8)
+    image[:8, :16] = (250, 40, 40)  # a red corner tells every turn and flip apart
+    for orientation in range(1, 9):
+        path = tmp_path / f"photo{orientation}.jpg"
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = orientation
+        Image.fromarray(image).save(path, exif=exif, quality=100)
+        with Image.open(path) as file:
+            expected = np.array(ImageOps.exif_transpose(file).convert("RGB")).astype(int)
+        got = read_photograph(path)
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= 16, orientation
+
+
 def test_estimated_fov_matches_drive_masks(test_samples):
     for s in test_samples:
         fov = estimate_fov(s.image)
@@ -114,6 +131,7 @@ def test_estimated_fov_matches_drive_masks(test_samples):
     assert estimate_fov(np.full((50, 60, 3), 120, np.uint8)).all()  # no dark border: all of it
 
 
+@pytest.mark.slow
 def test_predict_equalises_photographs_like_the_checkpoint_was_trained(drive_checkpoint, test_samples, tmp_path):
     """A checkpoint trained with data.clahe=true gets its photographs contrast-equalised in predict too."""
     checkpoint = torch.load(drive_checkpoint, weights_only=True)
@@ -142,6 +160,7 @@ def test_predict_equalises_photographs_like_the_checkpoint_was_trained(drive_che
     assert not np.array_equal(read(tmp_path / "clahe" / "photo_prob.png"), read(tmp_path / "plain" / "photo_prob.png"))
 
 
+@pytest.mark.slow
 def test_predict_errors_are_clear(drive_checkpoint, photo_folder, tmp_path):
     folder, masks = photo_folder
 
@@ -175,6 +194,7 @@ class Payload:
     """A class that unpickling would have to import and build: weights_only must refuse it."""
 
 
+@pytest.mark.slow
 def test_checkpoints_load_without_running_pickled_code(drive_checkpoint, tmp_path):
     checkpoint = load_checkpoint(drive_checkpoint)
     assert checkpoint.hyper_parameters["base_channels"] == 4 and "mean" in checkpoint.data

@@ -51,6 +51,7 @@ def test_multirun_runs_each_combination_in_its_own_directory(tmp_path):
     assert f"best job: #{best['job']}" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_failing_jobs_are_reported_with_their_overrides_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_module(["-m", "data.eval_batch_size=0,-1", f"hydra.sweep.dir={sweep}"] + TINY_SYNTHETIC, cwd=tmp_path)
@@ -58,7 +59,7 @@ def test_failing_jobs_are_reported_with_their_overrides_and_the_sweep_goes_on(tm
     logged = result.stdout + result.stderr
     for job, size in ((0, 0), (1, -1)):
         assert re.search(
-            rf"job #{job} failed \(overrides: data\.eval_batch_size={size} .*\): DataError: data\.eval_batch_size must be >= 1",
+            rf"job #{job} failed \(overrides: data\.eval_batch_size={size} .*\): ConfigError: data\.eval_batch_size must be an integer >= 1",
             logged,
         )
     summary = yaml.safe_load((sweep / "sweep_summary.yaml").read_text())

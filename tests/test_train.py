@@ -1,8 +1,13 @@
 import json
 
+import pytest
+
 from helpers import TINY, TINY_SYNTHETIC, compose_config, run_module
 from retinaseg.metrics import REPORTED
 from retinaseg.train import train
+
+# Every test here trains.
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_training_on_drive(drive_root, tmp_path):

@@ -16,11 +16,25 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from retinaseg.data.drive import read_drive
 from retinaseg.data.sample import Sample
 from retinaseg.data.synthetic import synthetic_samples
-from retinaseg.errors import DataError
+from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number
 
 # A run resumed mid-epoch continues the patch stream exactly (FundusDataModule.state_dict), which
 # Lightning cannot tell: it only knows data loaders that have their own state_dict.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+SOURCES = ("drive", "synthetic")
+CROPS = ("fov", "centre")
+
+
+def check_channels(name: str, values, positive: bool = False) -> list[float]:
+    """Three per-channel numbers (R, G, B), each > 0 when `positive`."""
+    if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != 3:
+        raise ConfigError(f"{name} must be three numbers (R, G, B); got {values!r}")
+    return [
+        check_number(f"{name}[{i}]", v, 0 if positive else None, include_minimum=not positive)
+        for i, v in enumerate(values)
+    ]
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -76,8 +90,7 @@ class PatchDataset(Dataset):
         length: int = 1,
         crop: str = "fov",
     ):
-        if crop not in ("fov", "centre"):
-            raise DataError(f"data.crop must be 'fov' or 'centre', got {crop!r}")
+        check_choice("data.crop", crop, CROPS)
         self.patch_size, self.crop = patch_size, crop
         # Augmenting a larger crop and cutting the centre keeps rotation corners free of padding.
         self.context = math.ceil(patch_size * 1.5) if augment else patch_size
@@ -85,7 +98,7 @@ class PatchDataset(Dataset):
         self.mean, self.std, self.seed, self.length = mean, std, seed, length
         for s in samples if crop == "fov" else []:
             if min(s.fov.shape) < patch_size:
-                raise DataError(
+                raise ConfigError(
                     f"data.patch_size={patch_size} is larger than image {s.id} ({s.fov.shape[1]}x{s.fov.shape[0]})."
                 )
         # Zero padding lets a patch centred near the border be cut without special cases.
@@ -224,18 +237,31 @@ class FundusDataModule(L.LightningDataModule):
         synthetic_size: Sequence[int] = (584, 565),
     ):
         super().__init__()
-        if source not in ("drive", "synthetic"):
-            raise ValueError(f"data.source must be 'drive' or 'synthetic', got {source!r}")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("patches_per_epoch", patches_per_epoch),
-            ("patch_size", patch_size),
+        # Checked here, where the settings are read, so a bad one is named before any image is read.
+        check_choice("data.source", source, SOURCES)
+        if root is not None and not isinstance(root, str):
+            raise ConfigError(f"data.root must be a path; got {root!r}")
+        for name, value, minimum in (
+            ("val_images", val_images, 1),
+            ("split_seed", split_seed, None),
+            ("patch_size", patch_size, 1),
+            ("patches_per_epoch", patches_per_epoch, 1),
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("seed", seed, None),
+            ("synthetic_images", synthetic_images, 2),
         ):
-            if value < 1:
-                raise DataError(f"data.{name} must be >= 1, got {value}")
-        if val_images < 1:
-            raise DataError(f"data.val_images must be >= 1, got {val_images}")
+            check_int(f"data.{name}", value, minimum)
+        check_choice("data.crop", crop, CROPS)
+        for name, value in (("augment", augment), ("clahe", clahe)):
+            check_bool(f"data.{name}", value)
+        check_channels("data.mean", mean)
+        check_channels("data.std", std, positive=True)
+        if not isinstance(synthetic_size, Sequence) or len(synthetic_size) != 2:
+            raise ConfigError(f"data.synthetic_size must be [height, width]; got {synthetic_size!r}")
+        for i, size in enumerate(synthetic_size):
+            check_int(f"data.synthetic_size[{i}]", size, 1)
         self.save_hyperparameters()
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
@@ -263,7 +289,7 @@ class FundusDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and not self.train_samples:
             samples = self.load_split("training")
             if hp.val_images >= len(samples):
-                raise DataError(
+                raise ConfigError(
                     f"data.val_images={hp.val_images} leaves no training image: there are {len(samples)} training images."
                 )
             order = np.random.default_rng(hp.split_seed).permutation(len(samples))

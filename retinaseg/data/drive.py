@@ -10,6 +10,7 @@ values are 0/1 (the second observer) read the same as 0/255 ones.
 import io
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,8 @@ class _Files:
                 image = Image.open(self.root / folder / name)
             image.load()
             return image
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        # A damaged zip member fails its CRC check (BadZipFile) or its decompression (zlib.error).
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, zipfile.BadZipFile, zlib.error) as error:
             raise DataError(f"cannot read image {where}: {error}. Replace the file with a good copy.") from None
 
 

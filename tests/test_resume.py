@@ -1,11 +1,12 @@
-"""Interruption and resume, atomic writes, NaN and full-disk stops, unique run directories, flat memory.
+"""Interruption and resume: SIGKILL and SIGTERM at any stage, a moved run directory, NaN and full-disk stops,
+the settings a continued run must keep, flat memory.
 
-Each test inflicts the failure for real: a SIGKILL or SIGTERM to a training process, NaN weights, a
-process dying halfway through a write, a full filesystem.
+Each test inflicts the failure for real: a SIGKILL or SIGTERM to a training process, NaN weights, a full
+filesystem. Those that train are marked slow.
 """
 
 import csv
-import errno
+import logging
 import os
 import shutil
 import signal
@@ -17,18 +18,22 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from helpers import CONF, TINY_SYNTHETIC, compose_config
-from retinaseg.data.datamodule import EpochSampler, FundusDataModule
-from retinaseg.errors import DataError
+from helpers import TINY_SYNTHETIC, compose_config, write_checkpoint
+from retinaseg.callbacks import exit_on_sigterm
+from retinaseg.data.datamodule import FundusDataModule
+from retinaseg.errors import ConfigError, DataError, DiskFullError, DivergedError
 from retinaseg.module import VesselSegmentationModule
-from retinaseg.reliability import checkpoint_to_resume, exit_on_sigterm, write_atomically
+from retinaseg.runs.resume import plan_start
+from retinaseg.runs.rundir import RunDir
 from retinaseg.train import train
 
-# Two short epochs of 8 batches, with a scheduler whose state a resume must restore.
+slow = pytest.mark.slow
+
+# Two short epochs of 8 batches, with a scheduler whose state a resume must restore, validated on 2 images.
 RUN = TINY_SYNTHETIC + [
+    "data.val_images=2",
     "trainer.max_epochs=2",
     "data.patches_per_epoch=128",
     "model.scheduler=cosine",
@@ -86,6 +91,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+@slow
 def test_a_run_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     # Data loader workers fetch ahead: the resumed run must still start from the right epoch's patches.
@@ -114,17 +120,20 @@ def test_a_run_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed
     assert load(last)["epoch"] == 0, "the run ended before it could be killed"
 
     # A new run is refused the killed run's directory, before anything in it is touched.
-    config = (run_dir / ".hydra" / "config.yaml").read_bytes()
+    record = {name: (run_dir / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml")}
     refused = subprocess.run(
         [*command, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True
     )
-    assert refused.returncode != 0 and f"resume={run_dir}" in refused.stderr and "Traceback" not in refused.stderr
-    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config
+    assert refused.returncode == 2 and f"resume={run_dir}" in refused.stderr and "Traceback" not in refused.stderr
 
     resumed = subprocess.run(
         [*command, f"resume={run_dir}"], cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The record of how the run was started is kept; the resume's own is beside it.
+    assert {name: (run_dir / ".hydra" / name).read_bytes() for name in record} == record
+    (resume_record,) = run_dir.glob(".hydra/resume-*/overrides.yaml")
+    assert f"resume={run_dir}" in resume_record.read_text()
     assert_same_training(load(uninterrupted / "checkpoints" / "last.ckpt"), load(last))
     # The CSV log: each step and epoch once, no gap, the same values as the uninterrupted run's.
     rows = csv_rows(run_dir)
@@ -133,20 +142,41 @@ def test_a_run_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed
 
 
 class SendSigterm(L.Callback):
-    """Sends this process a SIGTERM, as a cluster scheduler does before pre-emption, after a given step."""
+    """Sends this process a SIGTERM, as a cluster scheduler does before pre-emption: after training step
+    `after_step`, or after the first batch of the validation of epoch 1 or of the test (a copy of last.ckpt as
+    it was before the test is kept as `<run dir>/last_before_test.ckpt`)."""
 
-    def __init__(self, after_step: int):
-        self.after_step = after_step
+    def __init__(self, stage: str, after_step: int | None = None):
+        self.after_step, self.stage = after_step, stage
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.after_step:
+        if self.stage == "train" and trainer.global_step == self.after_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.stage == "validate" and not trainer.sanity_checking and trainer.current_epoch == 1 and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_test_start(self, trainer, pl_module):
+        run = RunDir(trainer.default_root_dir)
+        shutil.copy(run.last, run.path / "last_before_test.ckpt")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.stage == "test" and batch_idx == 0:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def sigterm(stage: str, after_step: int | None = None) -> list[str]:
+    return ["+callbacks.sigterm._target_=test_resume.SendSigterm", f"+callbacks.sigterm.stage={stage}"] + (
+        [f"+callbacks.sigterm.after_step={after_step}"] if after_step is not None else []
+    )
+
+
+@slow
 def test_sigterm_saves_a_checkpoint_mid_epoch_that_resumes_exactly(uninterrupted, tmp_path):
     cfg = compose_config(
         "train",
-        RUN + ["+callbacks.sigterm._target_=test_reliability.SendSigterm", "+callbacks.sigterm.after_step=12"],
+        RUN + sigterm("train", after_step=12),
         tmp_path / "run",
     )
     with pytest.raises(SIGTERMException):
@@ -164,21 +194,43 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_that_resumes_exactly(uninterrupted
     assert min(int(r["step"]) for r in csv_rows(tmp_path / "continued")) >= 12
 
 
-def test_a_sigterm_stop_exits_with_status_143_and_says_how_to_resume(caplog):
-    with pytest.raises(SystemExit) as stop, exit_on_sigterm("/runs/x"):
-        raise SIGTERMException()
-    assert stop.value.code == 143 and "resume=/runs/x" in caplog.text
+@slow
+def test_sigterm_during_validation_then_resume_validates_that_epoch(uninterrupted, tmp_path):
+    with pytest.raises(SIGTERMException):
+        train(compose_config("train", RUN + sigterm("validate"), tmp_path))
+    # Not saved mid-validation: last.ckpt is the end of epoch 0, and the resumed run repeats epoch 1 whole.
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["epoch"] == 0
+    train(compose_config("train", RUN + [f"resume={tmp_path}"], tmp_path))
+    rows = csv_rows(tmp_path)
+    assert [r["epoch"] for r in rows if "val/f1" in r] == ["0", "1"]
+    assert not [r for r in rows if "train/recall" in r and float(r["train/accuracy"]) == 0]  # no row of zeros
+    assert rows == csv_rows(uninterrupted)
+    assert_same_training(
+        load(uninterrupted / "checkpoints" / "last.ckpt"), load(tmp_path / "checkpoints" / "last.ckpt")
+    )
 
 
-def test_a_resumed_epoch_skips_the_patches_already_trained_on():
-    sampler = EpochSampler(8, epoch=1, skip=3)
-    assert list(sampler) == [11, 12, 13, 14, 15] and len(sampler) == 8
-    sampler.set_epoch(1)
-    assert list(sampler)[0] == 11
-    sampler.set_epoch(2)
-    assert list(sampler) == list(range(16, 24))
+@slow
+def test_sigterm_during_the_test_keeps_the_final_weights_in_last_ckpt(tmp_path):
+    with pytest.raises(SIGTERMException):
+        train(compose_config("train", RUN + ["test=true"] + sigterm("test"), tmp_path))
+    # Testing loads the best weights: last.ckpt is not rewritten with them.
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == (tmp_path / "last_before_test.ckpt").read_bytes()
 
 
+@slow
+def test_a_moved_run_directory_keeps_its_best_checkpoint_tracking(uninterrupted, tmp_path):
+    shutil.copytree(uninterrupted, tmp_path / "copy")
+    moved = (tmp_path / "copy").rename(tmp_path / "moved")
+    best_before = best_tracking(load(moved / "checkpoints" / "best.ckpt"))["best_model_score"]
+    train(compose_config("train", RUN + ["trainer.max_epochs=3", f"resume={moved}"], moved))
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    tracking = best_tracking(load(moved / "checkpoints" / "last.ckpt"))
+    assert tracking["best_model_score"] >= best_before
+    assert tracking["best_model_path"] == str(moved / "checkpoints" / "best.ckpt")
+
+
+@slow
 def test_two_runs_with_the_same_seed_give_the_same_metrics_on_cpu(uninterrupted, tmp_path):
     train(compose_config("train", RUN, tmp_path))
     assert csv_rows(tmp_path) == csv_rows(uninterrupted)
@@ -209,6 +261,7 @@ class PoisonWeights(L.Callback):
             self._poison(trainer, pl_module)
 
 
+@slow
 @pytest.mark.parametrize(
     "hook, step, message",
     [
@@ -218,11 +271,11 @@ class PoisonWeights(L.Callback):
 )
 def test_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, hook, step, message):
     overrides = [
-        "+callbacks.poison._target_=test_reliability.PoisonWeights",
+        "+callbacks.poison._target_=test_resume.PoisonWeights",
         f"+callbacks.poison.step={step}",
         f"+callbacks.poison.hook={hook}",
     ]
-    with pytest.raises(DataError, match=message) as error:
+    with pytest.raises(DivergedError, match=message) as error:
         train(compose_config("train", RUN + overrides, tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert f"the last good checkpoint is {last}" in str(error.value)
@@ -230,28 +283,19 @@ def test_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(t
     assert kept["epoch"] == 0 and all(torch.isfinite(w).all() for w in kept["state_dict"].values())
 
 
-def test_a_crash_halfway_through_a_write_leaves_the_previous_file(tmp_path):
-    path = tmp_path / "last.ckpt"
-    torch.save({"epoch": 3}, path)
-    pid = os.fork()
-    if pid == 0:  # the child dies with half a checkpoint written
-        write_atomically(path, lambda file: (file.write(b"half a checkpoint"), file.flush(), os._exit(9)))
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 9
-    assert load(path) == {"epoch": 3}
-
-
-def test_a_failed_write_keeps_the_previous_file_and_says_the_disk_is_full(tmp_path):
-    path = tmp_path / "metrics.json"
-    path.write_text("{}")
-
-    def fill_the_disk(file):
-        file.write(b"{")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    with pytest.raises(DataError, match=f"cannot write {path}: the disk is full"):
-        write_atomically(path, fill_the_disk)
-    assert path.read_text() == "{}" and os.listdir(tmp_path) == ["metrics.json"]
+@slow
+def test_a_full_disk_stops_training_with_a_clear_error_and_keeps_the_checkpoints(small_disk):
+    run_dir = small_disk / "run"
+    overrides = [
+        "+callbacks.fill._target_=test_resume.FillTheDisk",
+        f"+callbacks.fill.path={small_disk / 'filler'}",
+        "+callbacks.fill.left=8192",
+    ]
+    with pytest.raises(DiskFullError, match="cannot write .*: the disk is full"):
+        train(compose_config("train", RUN + overrides, run_dir))
+    assert load(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0
+    assert load(run_dir / "checkpoints" / "best.ckpt")["epoch"] == 0
+    assert not list(run_dir.rglob("*.partial"))
 
 
 class FillTheDisk(L.Callback):
@@ -266,58 +310,46 @@ class FillTheDisk(L.Callback):
             self.path.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - self.left))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (mounting needs root; skipped elsewhere, where the test above covers the logic)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if (
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode
-        != 0
+def test_a_continued_run_keeps_the_settings_that_give_it_its_meaning(tmp_path, caplog):
+    run = RunDir(tmp_path / "run")
+    write_checkpoint(run.last, compose_config("train", RUN, run.path))
+
+    def start(*overrides: str):
+        return plan_start(compose_config("train", RUN + [f"resume={run.path}", *overrides], run.path), run)
+
+    assert start().ckpt_path == str(run.last)
+    assert start("data.num_workers=2", "trainer.max_epochs=5").ckpt_path == str(run.last)  # speed and length: free
+    with pytest.raises(
+        ConfigError, match=r"saved with data.batch_size=16 \(this run: 8\), data.seed=42 \(this run: 1\)\."
     ):
-        pytest.skip("cannot mount a tmpfs (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
-def test_a_full_disk_stops_training_with_a_clear_error_and_keeps_the_checkpoints(small_disk):
-    run_dir = small_disk / "run"
-    overrides = [
-        "+callbacks.fill._target_=test_reliability.FillTheDisk",
-        f"+callbacks.fill.path={small_disk / 'filler'}",
-        "+callbacks.fill.left=8192",
-    ]
-    with pytest.raises(DataError, match="cannot write .*: the disk is full"):
-        train(compose_config("train", RUN + overrides, run_dir))
-    assert load(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0
-    assert load(run_dir / "checkpoints" / "best.ckpt")["epoch"] == 0
-    assert not list(run_dir.rglob("*.partial"))
-
-
-def test_run_directories_started_in_the_same_second_differ():
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        first, second = (compose("train", return_hydra_config=True).hydra.run.dir for _ in range(2))
-    assert first != second
-
-
-def test_a_used_run_directory_is_only_resumed_with_the_same_model(uninterrupted, tmp_path):
-    cfg = compose_config("train", RUN, tmp_path)
-    assert checkpoint_to_resume(cfg, tmp_path) is None  # empty: a new run may use it
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copy(uninterrupted / "checkpoints" / "best.ckpt", tmp_path / "checkpoints")
-    with pytest.raises(DataError, match=f"already holds a run .*resume={tmp_path}"):
-        checkpoint_to_resume(cfg, tmp_path)
-    cfg.resume = str(tmp_path)
-    with pytest.raises(DataError, match="nothing to resume"):
-        checkpoint_to_resume(cfg, tmp_path)
-    shutil.copy(uninterrupted / "checkpoints" / "last.ckpt", tmp_path / "checkpoints")
-    assert checkpoint_to_resume(cfg, tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
-    cfg.model.base_channels = 8
-    with pytest.raises(DataError, match=r"saved with model.base_channels=4 \(this run: 8\)"):
-        checkpoint_to_resume(cfg, tmp_path)
-    cfg.resume, cfg.ckpt_path = None, str(tmp_path / "missing.ckpt")
+        start("data.batch_size=8", "seed=1")
+    with pytest.raises(ConfigError, match=r"data.source=synthetic \(this run: drive\).*resume_allow_changes=true"):
+        start("data.source=drive")
+    with caplog.at_level(logging.WARNING):
+        assert start("data.batch_size=8", "resume_allow_changes=true").ckpt_path == str(run.last)
+    assert "data.batch_size=16 (this run: 8)" in caplog.text
+    with pytest.raises(ConfigError, match=r"model.base_channels=4 \(this run: 8\).*weights fit only"):
+        start("model.base_channels=8", "resume_allow_changes=true")
+    with pytest.raises(ConfigError, match="continues that run in its own directory"):
+        plan_start(
+            compose_config("train", RUN + [f"resume={run.path}"], tmp_path / "elsewhere"),
+            RunDir(tmp_path / "elsewhere"),
+        )
     with pytest.raises(DataError, match="missing.ckpt: no such file"):
-        checkpoint_to_resume(cfg, tmp_path)
+        plan_start(
+            compose_config("train", RUN + [f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "new"),
+            RunDir(tmp_path / "new"),
+        )
+
+
+def test_a_sigterm_stop_exits_with_status_143_and_says_how_to_resume(tmp_path, caplog):
+    for has_checkpoint, says in ((False, "nothing to resume"), (True, f"resume={tmp_path}")):
+        if has_checkpoint:
+            RunDir(tmp_path).checkpoints.mkdir()
+            RunDir(tmp_path).last.write_bytes(b"")
+        with pytest.raises(SystemExit) as stop, exit_on_sigterm(str(tmp_path)):
+            raise SIGTERMException()
+        assert stop.value.code == 143 and says in caplog.text
 
 
 def process_tree_rss(pid: int) -> int:
@@ -342,6 +374,7 @@ class RecordMemory(L.Callback):
         self.rss.append(process_tree_rss(os.getpid()))
 
 
+@slow
 def test_memory_stays_flat_over_epochs_with_several_workers():
     datamodule = FundusDataModule(
         source="synthetic",
