@@ -100,7 +100,7 @@ def exit_on_sigterm(run_dir: str):
     except SIGTERMException:
         if RunDir(run_dir).last.is_file():
             log.error(
-                "stopped by SIGTERM; last.ckpt saved: continue with "
+                "stopped by SIGTERM; continue from last.ckpt with "
                 "`python -m retinaseg.train <the run's overrides> resume=%s`",
                 run_dir,
             )

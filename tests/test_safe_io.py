@@ -49,13 +49,16 @@ def test_a_failed_write_keeps_the_previous_file_and_says_why(tmp_path):
 def test_a_full_disk_when_new_columns_appear_keeps_every_row_of_metrics_csv(small_disk):
     """Lightning's CSVLogger rewrites metrics.csv in place when a column appears (the test metrics at the end of a
     run): on a full disk the file was truncated and the training rows lost."""
-    logger = MetricsCSVLogger(str(small_disk / "run"))
-    for step in range(200):
-        logger.log_metrics({"train/loss": 1.0 / (step + 1), "epoch": step // 50}, step)
+    logger = MetricsCSVLogger(str(small_disk / "run"), flush_logs_every_n_steps=10**6)
+    for step in range(3000):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1), "epoch": step // 100}, step)
+    logger.save()
     before = logger.path.read_bytes()
     fill_disk(small_disk, left=0)
+    # Two more columns: two more commas on each of 3000 rows, more than the page the file ends in can take.
+    logger.log_metrics({"test/f1": 0.5, "test/auc": 0.9}, 3000)
     with pytest.raises(DiskFullError, match="metrics.csv: the disk is full"):
-        logger.log_metrics({"test/f1": 0.5, "test/auc": 0.9}, 200)
+        logger.save()
     assert logger.path.read_bytes() == before
     assert [p.name for p in logger.path.parent.iterdir()] == ["metrics.csv"]
 
