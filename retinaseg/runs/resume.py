@@ -42,6 +42,7 @@ class Start:
 
 def plan_start(cfg: DictConfig, run_dir: RunDir) -> Start:
     """The start of the training `cfg` describes in `run_dir`; the checkpoint it continues from is read once here."""
+    allow_changes = check_bool("resume_allow_changes", cfg.get("resume_allow_changes", False))
     if cfg.get("resume") and cfg.get("ckpt_path"):
         raise ConfigError(
             f"resume={cfg.resume} and ckpt_path={cfg.ckpt_path} both say where to continue from: pass one of them."
@@ -64,7 +65,7 @@ def plan_start(cfg: DictConfig, run_dir: RunDir) -> Start:
             "continues from. Use it with retinaseg.eval or retinaseg.predict, or continue from a last.ckpt or "
             "best.ckpt that `python -m retinaseg.train` wrote."
         )
-    check_same_settings(cfg, checkpoint, what)
+    check_same_settings(cfg, checkpoint, what, allow_changes)
     return Start(checkpoint)
 
 
@@ -89,7 +90,7 @@ def _same(key: str, saved, now) -> bool:
     return saved == now
 
 
-def check_same_settings(cfg: DictConfig, checkpoint: Checkpoint, what: str) -> None:
+def check_same_settings(cfg: DictConfig, checkpoint: Checkpoint, what: str, allow_changes: bool) -> None:
     """Refuse a continued run whose settings differ from the checkpoint's, naming each; with
     resume_allow_changes=true only the model's shape must match (the weights fit no other)."""
     changed = changed_settings(cfg, checkpoint)
@@ -102,7 +103,7 @@ def check_same_settings(cfg: DictConfig, checkpoint: Checkpoint, what: str) -> N
             f"{what}: its checkpoint was saved with {listed}; its weights fit only the model it was saved from "
             f"({', '.join(shape)} must match). Pass the overrides of the run that wrote it (its .hydra/overrides.yaml)."
         )
-    if not check_bool("resume_allow_changes", cfg.get("resume_allow_changes", False)):
+    if not allow_changes:
         raise ConfigError(
             f"{what}: its checkpoint was saved with {listed}. Pass the overrides of the run that wrote it (its "
             ".hydra/overrides.yaml), or add resume_allow_changes=true to continue with the new values."
