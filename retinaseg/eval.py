@@ -20,7 +20,7 @@ from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data.datamodule import FundusDataModule, normalize
 from retinaseg.data.sample import Sample
 from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
-from retinaseg.metrics import REPORTED, FOVMetrics, reported
+from retinaseg.metrics import DISPLAY, Scores, score
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.runs.safe_io import write_atomically, write_png, write_text
 from retinaseg.train import instantiate_group
@@ -29,16 +29,6 @@ config.setup()
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
-# Columns of the printed table (recall is sensitivity under its other name).
-TABLE = (
-    ("F1", "f1"),
-    ("AUC", "auc"),
-    ("Acc", "accuracy"),
-    ("Sens", "sensitivity"),
-    ("Spec", "specificity"),
-    ("Prec", "precision"),
-    ("IoU", "iou"),
-)
 
 
 def data_settings(checkpoint: Checkpoint, overrides: dict) -> dict:
@@ -85,78 +75,77 @@ def best_f1_threshold(probs: dict[str, np.ndarray], samples: list[Sample]) -> fl
     return (float(thresholds[best]) + below) / 2
 
 
-def observed(values: dict) -> dict[str, float]:
-    """The reported metrics of a binary mask (no AUC)."""
-    return {key: value for key, value in reported({"auc": float("nan"), **values}).items() if key != "auc"}
-
-
-def score(probs: dict[str, np.ndarray], samples: list[Sample], threshold: float) -> dict:
-    """Pooled FOV metrics, per-image rows, whole-image metrics, and the second observer where every sample has one."""
-    pooled, whole, single = FOVMetrics(threshold), FOVMetrics(threshold), FOVMetrics(threshold)
-    has_observer = all((s.extra or {}).get("2nd_manual") is not None for s in samples)
-    # A binary mask has no ROC curve, so the observer gets no AUC.
-    observer, observer_whole = FOVMetrics(threshold, with_auc=False), FOVMetrics(threshold, with_auc=False)
-    per_image = []
-    for s in samples:
-        prob, label, fov = torch.from_numpy(probs[s.id]), torch.from_numpy(s.label), torch.from_numpy(s.fov)
-        pooled.update(prob, label, fov)
-        whole.update(prob, label)
-        single.update(prob, label, fov)
-        per_image.append({"id": s.id, **reported(single.compute())})
-        single.reset()
-        if has_observer:
-            second = torch.from_numpy(s.extra["2nd_manual"]).float()
-            observer.update(second, label, fov)
-            observer_whole.update(second, label)
-    result = {
-        "pooled": reported(pooled.compute()),
-        "per_image": per_image,
-        "per_image_mean": {key: float(np.mean([row[key] for row in per_image])) for key in REPORTED},
-        "whole_image": reported(whole.compute()),
-    }
-    if has_observer:
-        result["second_observer"] = {**observed(observer.compute()), "whole_image": observed(observer_whole.compute())}
-    return result
+def interval(value: float, ci: tuple[float, float] | None, decimals: int, sign: str = "") -> str:
+    """`0.8239 [0.8170, 0.8301]`, or the value alone without an interval."""
+    text = f"{value:{sign}.{decimals}f}"
+    return text if ci is None else f"{text} [{ci[0]:{sign}.{decimals}f}, {ci[1]:{sign}.{decimals}f}]"
 
 
 def table(metrics: dict) -> str:
-    """The printed summary: one row per scoring, one column per metric."""
-    rows = [
-        ("model", metrics),
-        ("model, mean per image", metrics["per_image_mean"]),
-        ("model, whole image", metrics["whole_image"]),
+    """The printed summary: one row per metric, one column per scoring; intervals where there are some."""
+    columns = [
+        ("model", metrics, metrics.get("ci95", {})),
+        ("mean per image", metrics["per_image_mean"], {}),
+        ("whole image", metrics["whole_image"], {}),
     ]
     if "second_observer" in metrics:
-        rows += [
-            ("second observer", metrics["second_observer"]),
-            ("second obs., whole image", metrics["second_observer"]["whole_image"]),
+        observer = metrics["second_observer"]
+        columns += [
+            ("second observer", observer, observer.get("ci95", {})),
+            ("2nd obs., whole image", observer["whole_image"], {}),
         ]
+    header = [""] + [name for name, _, _ in columns]
+    rows = []
+    for key, (name, decimals) in DISPLAY.items():
+        row = [name] + [
+            interval(values[key], cis.get(key), decimals) if key in values else "-" for _, values, cis in columns
+        ]
+        if "model_minus_second_observer" in metrics:
+            difference = metrics["model_minus_second_observer"].get(key)
+            row.append(
+                "-"
+                if difference is None
+                else interval(difference["difference"], difference["ci95"], decimals, "+")
+                + ("" if difference["p_value"] is None else f" p={difference['p_value']:.2g}")
+            )
+        rows.append(row)
+    if "model_minus_second_observer" in metrics:
+        header.append("model - second observer")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    resamples = metrics.get("bootstrap", {}).get("resamples", 0)
     lines = [
         f"{metrics['split']} split, {metrics['n_images']} images, threshold {metrics['threshold']:.4f} ({metrics['threshold_from']}), "
-        f"FOV pixels pooled unless noted{', flip TTA' if metrics['tta'] else ''}",
-        f"{'':<26}" + "".join(f"{name:>8}" for name, _ in TABLE),
-    ]
-    lines += [
-        f"{name:<26}" + "".join(f"{values[key]:>8.4f}" if key in values else f"{'-':>8}" for _, key in TABLE)
-        for name, values in rows
+        f"FOV pixels pooled unless noted{', flip TTA' if metrics['tta'] else ''}"
+        + (f"; [95% interval]: bootstrap over images, {resamples} resamples" if resamples else ""),
+        *("   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]),
     ]
     return "\n".join(lines)
 
 
-def write_outputs(
-    output_dir: Path, metrics: dict, per_image: list[dict], probs: dict[str, np.ndarray], samples: list[Sample]
-) -> None:
-    """metrics.json, per_image.csv, probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV), each
-    written to a temporary name and renamed: a full disk never leaves a partial file under a real name."""
-    write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["id", *REPORTED])
-    writer.writeheader()
-    writer.writerows(per_image)
-    write_text(output_dir / "per_image.csv", table.getvalue())
+def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray], samples: list[Sample]) -> None:
+    """metrics.json, per_image.csv (and per_image_second_observer.csv), histograms.npz, probabilities.npz and
+    predictions/<id>.png (0/255, zero outside the FOV): every number can be recomputed from them, and
+    retinaseg.compare needs only the first three. Each is written to a temporary name and renamed: a full disk
+    never leaves a partial file under a real name."""
+    write_text(output_dir / "metrics.json", json.dumps(scores.metrics, indent=2) + "\n")
+    for name, rows in (("per_image.csv", scores.rows), ("per_image_second_observer.csv", scores.observer_rows)):
+        if rows:
+            table = io.StringIO()
+            writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+            write_text(output_dir / name, table.getvalue())
+    histograms = scores.counts.histograms
+    arrays = {
+        "ids": np.array(scores.counts.ids),
+        "positive": histograms.positive.astype(np.uint32),  # a count per image fits
+        "negative": histograms.negative.astype(np.uint32),
+        "edges": histograms.edges,
+    }
+    write_atomically(output_dir / "histograms.npz", lambda file: np.savez_compressed(file, **arrays))
     write_atomically(output_dir / "probabilities.npz", lambda file: np.savez_compressed(file, **probs))
     for s in samples:
-        mask = (probs[s.id] > metrics["threshold"]) & s.fov
+        mask = (probs[s.id] > scores.metrics["threshold"]) & s.fov
         write_png(output_dir / "predictions" / f"{s.id}.png", mask.astype(np.uint8) * 255)
 
 
@@ -191,6 +180,8 @@ def evaluate(cfg: DictConfig) -> dict:
     threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=("val",))
     check_bool("tta", cfg.tta)
     check_int("plot_images", cfg.plot_images, minimum=0)
+    check_int("bootstrap", cfg.bootstrap, minimum=0)
+    check_int("seed", cfg.seed)
     device = resolve_device(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt_path)
@@ -219,28 +210,37 @@ def evaluate(cfg: DictConfig) -> dict:
         samples = data.test_samples
         probs = predict_samples(module, samples, settings["mean"], settings["std"], cfg.tta, "test images")
 
-    result = score(probs, samples, float(threshold))
-    metrics = {
-        **result["pooled"],
-        "threshold": float(threshold),
-        "threshold_from": "validation F1" if cfg.threshold == "val" else "fixed",
-        "region": "fov",
-        "split": cfg.split,
-        "n_images": len(samples),
-        "tta": bool(cfg.tta),
-        "inference": module.inference,
-        "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),
-        "per_image_mean": result["per_image_mean"],
-        "whole_image": result["whole_image"],
-    }
-    if "second_observer" in result:
-        metrics["second_observer"] = result["second_observer"]
-    write_outputs(output_dir, metrics, result["per_image"], probs, samples)
+    observer = None
+    if all((s.extra or {}).get("2nd_manual") is not None for s in samples):
+        observer = [s.extra["2nd_manual"] for s in samples]
+    scores = score(
+        [s.id for s in samples],
+        [probs[s.id] for s in samples],
+        [s.label for s in samples],
+        [s.fov for s in samples],
+        float(threshold),
+        observer,
+        cfg.bootstrap,
+        cfg.seed,
+    )
+    metrics = scores.metrics
+    metrics.update(
+        threshold=float(threshold),
+        threshold_from="validation F1" if cfg.threshold == "val" else "fixed",
+        region="fov",
+        split=cfg.split,
+        n_images=len(samples),
+        tta=bool(cfg.tta),
+        inference=module.inference,
+        checkpoint=str(Path(cfg.ckpt_path).expanduser().resolve()),
+        bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
+    )
+    write_outputs(output_dir, scores, probs, samples)
     figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images)
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
     tracking.log_evaluation(
-        loggers, metrics, result["per_image"], figures, samples[: cfg.plot_images], probs, checkpoint, module
+        loggers, metrics, scores.rows, figures, samples[: cfg.plot_images], probs, checkpoint, module
     )
     print(table(metrics))
     log.info("evaluation of %s written to %s", metrics["checkpoint"], output_dir)

@@ -439,7 +439,7 @@ def flat_numbers(values: Mapping, prefix: str) -> dict[str, float]:
 
 
 # metrics.json's entries that describe how an evaluation was made, not what it measured.
-EVALUATION_SETTINGS = ("checkpoint", "split", "threshold_from", "tta", "inference", "region")
+EVALUATION_SETTINGS = ("checkpoint", "split", "threshold_from", "tta", "inference", "region", "bootstrap")
 
 
 def log_evaluation(

@@ -1,5 +1,7 @@
-"""Shared fixtures: the real DRIVE dataset (from $DRIVE_ROOT) and a small trained checkpoint."""
+"""Shared fixtures: the real DRIVE dataset (from $DRIVE_ROOT), a small trained checkpoint and its evaluations."""
 
+import contextlib
+import io
 import os
 import subprocess
 from pathlib import Path
@@ -44,3 +46,29 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a tmpfs (needs root)")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture(scope="session")
+def drive_evaluation(drive_root, drive_checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """`retinaseg.eval` of `drive_checkpoint` on DRIVE's 20 test images at threshold 0.5: its run directory and
+    the table it printed."""
+    from helpers import compose_config
+    from retinaseg.eval import evaluate
+
+    directory = tmp_path_factory.mktemp("drive_eval")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        evaluate(compose_config("eval", [f"ckpt_path={drive_checkpoint}", f"data.root={drive_root}"], directory))
+    return directory, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def drive_evaluation_wandb(drive_root, drive_checkpoint, tmp_path_factory) -> Path:
+    """The run directory of `python -m retinaseg.eval` of `drive_checkpoint` at threshold 0.45 with logger=wandb
+    (offline), as a user would type it."""
+    from helpers import run_entry_point
+
+    directory = tmp_path_factory.mktemp("drive_eval_wandb")
+    args = [f"ckpt_path={drive_checkpoint}", f"data.root={drive_root}", "threshold=0.45", "plot_images=0"]
+    result = run_entry_point("eval", [*args, "logger=wandb", "bootstrap=500", f"hydra.run.dir={directory}"], directory)
+    assert result.returncode == 0, result.stderr
+    return directory

@@ -9,12 +9,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import measure
+from skimage.morphology import skeletonize
 from sklearn.metrics import f1_score, roc_auc_score
 
 from helpers import compose_config
 from retinaseg.data.drive import read_drive
 from retinaseg.eval import evaluate
-from retinaseg.metrics import REPORTED
+from retinaseg.metrics import HEADLINE, REPORTED, Histograms
 
 
 def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:
@@ -22,26 +24,27 @@ def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:
 
 
 @pytest.mark.slow
-def test_eval_files_recompute_independently(drive_root, drive_checkpoint, tmp_path, capsys):
-    run_eval(drive_checkpoint, [f"data.root={drive_root}"], tmp_path)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+def test_eval_files_recompute_independently(drive_root, drive_evaluation):
+    directory, printed = drive_evaluation
+    metrics = json.loads((directory / "metrics.json").read_text())
     assert (
         metrics["region"] == "fov"
         and metrics["n_images"] == 20
         and metrics["threshold"] == 0.5
         and metrics["split"] == "test"
     )
-    for group in (metrics, metrics["per_image_mean"], metrics["whole_image"]):
-        assert set(REPORTED) <= set(group)
-    assert set(REPORTED) - set(metrics["second_observer"]) == {"auc"}  # a binary mask has no ROC curve
-    assert "second observer" in capsys.readouterr().out
-    assert (tmp_path / "plots" / "predictions.png").is_file() and (tmp_path / "plots" / "roc_pr.png").is_file()
+    for group in (metrics, metrics["per_image_mean"]):
+        assert set(HEADLINE) <= set(group)
+    assert set(REPORTED) <= set(metrics["whole_image"])
+    assert set(HEADLINE) - set(metrics["second_observer"]) == {"auc"}  # a binary mask has no ROC curve
+    assert "second observer" in printed
+    assert (directory / "plots" / "predictions.png").is_file() and (directory / "plots" / "roc_pr.png").is_file()
 
     samples = read_drive(drive_root, "test")
-    with open(tmp_path / "per_image.csv", newline="") as file:
+    with open(directory / "per_image.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["id"] for row in rows] == [s.id for s in samples]
-    probs = np.load(tmp_path / "probabilities.npz")
+    probs = np.load(directory / "probabilities.npz")
     assert sorted(probs.files) == [s.id for s in samples]
     assert all(probs[s.id].shape == (584, 565) and probs[s.id].dtype == np.float32 for s in samples)
 
@@ -50,7 +53,8 @@ def test_eval_files_recompute_independently(drive_root, drive_checkpoint, tmp_pa
     p = np.concatenate([probs[s.id][s.fov] for s in samples])
     y = np.concatenate([s.label[s.fov] for s in samples])
     assert metrics["f1"] == pytest.approx(f1_score(y, p > threshold), abs=1e-6)
-    assert metrics["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
+    exact_auc = roc_auc_score(y, p)
+    assert metrics["auc"] == pytest.approx(exact_auc, abs=1e-5)
     whole_p = np.concatenate([probs[s.id].ravel() for s in samples])
     whole_y = np.concatenate([s.label.ravel() for s in samples])
     assert metrics["whole_image"]["f1"] == pytest.approx(f1_score(whole_y, whole_p > threshold), abs=1e-6)
@@ -58,14 +62,68 @@ def test_eval_files_recompute_independently(drive_root, drive_checkpoint, tmp_pa
     assert [float(row["f1"]) for row in rows] == pytest.approx(per_image_f1, abs=1e-6)
     assert metrics["per_image_mean"]["f1"] == pytest.approx(np.mean(per_image_f1), abs=1e-6)
     for s in samples[:3]:
-        mask = np.array(Image.open(tmp_path / "predictions" / f"{s.id}.png"))
+        mask = np.array(Image.open(directory / "predictions" / f"{s.id}.png"))
         assert np.array_equal(mask, ((probs[s.id] > threshold) & s.fov).astype(np.uint8) * 255)
+
+    # Topology by the formulas of Shit et al. with scikit-image, for the second observer's mask of one image (this
+    # tiny model's own mask may be empty).
+    s = samples[0]
+    with open(directory / "per_image_second_observer.csv", newline="") as file:
+        observer_rows = list(csv.DictReader(file))
+    assert [row["id"] for row in observer_rows] == [s.id for s in samples]
+    prediction, label = (s.extra["2nd_manual"] > 0) & s.fov, (s.label > 0) & s.fov
+    topology_precision = (skeletonize(prediction) & label).sum() / skeletonize(prediction).sum()
+    topology_sensitivity = (skeletonize(label) & prediction).sum() / skeletonize(label).sum()
+    assert float(observer_rows[0]["cldice"]) == pytest.approx(
+        2 * topology_precision * topology_sensitivity / (topology_precision + topology_sensitivity)
+    )
+    components = (measure.label(prediction, connectivity=2).max(), measure.label(label, connectivity=2).max())
+    assert (int(observer_rows[0]["components"]), int(observer_rows[0]["label_components"])) == components
+    assert float(observer_rows[0]["betti0_error"]) == abs(components[0] - components[1])
+
+    # The per-image counts and histograms hold the pooled numbers: AUC within 1e-4 of the exact one.
+    tp, fp, fn = (sum(int(row[key]) for row in rows) for key in ("tp", "fp", "fn"))
+    assert metrics["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-12)
+    with np.load(directory / "histograms.npz") as saved:
+        assert saved["ids"].tolist() == [s.id for s in samples]
+        histograms = Histograms(saved["positive"], saved["negative"], saved["edges"])
+    assert histograms.pooled(np.ones(20))["auc"] == pytest.approx(exact_auc, abs=1e-4)
+
+    # Every headline number has a 95% interval that contains it, the second observer's too.
+    assert metrics["bootstrap"] == {"resamples": 2000, "seed": 0, "level": 0.95}
+    for values in (metrics, metrics["second_observer"]):
+        assert set(values["ci95"]) == set(HEADLINE) & set(values)
+        for key, (low, high) in values["ci95"].items():
+            assert low <= values[key] <= high, key
+    low, high = metrics["ci95"]["f1"]
+    assert f"{metrics['f1']:.4f} [{low:.4f}, {high:.4f}]" in printed
+    difference = metrics["model_minus_second_observer"]["f1"]
+    assert difference["difference"] == pytest.approx(metrics["f1"] - metrics["second_observer"]["f1"])
+    assert difference["ci95"][0] <= difference["difference"] <= difference["ci95"][1] and 0 < difference["p_value"] <= 1
 
     # The human reference of data/README.md.
     observer = metrics["second_observer"]
     assert observer["f1"] == pytest.approx(0.7891, abs=5e-5) and observer["accuracy"] == pytest.approx(0.9473, abs=5e-5)
     assert observer["sensitivity"] == pytest.approx(0.7746, abs=5e-5) and observer["specificity"] == pytest.approx(
         0.9725, abs=5e-5
+    )
+
+
+def test_eval_logs_metrics_intervals_and_a_per_image_table_to_wandb(drive_evaluation_wandb):
+    metrics = json.loads((drive_evaluation_wandb / "metrics.json").read_text())
+    assert metrics["threshold"] == 0.45 and metrics["bootstrap"]["resamples"] == 500
+    (table,) = drive_evaluation_wandb.glob("wandb/offline-run-*/files/media/table/test/per_image_*.table.json")
+    table = json.loads(table.read_text())
+    assert {"id", "f1", "cldice", "betti0_error", "tp"} <= set(table["columns"]) and len(table["data"]) == 20
+    with open(drive_evaluation_wandb / "csv" / "metrics.csv", newline="") as file:
+        (logged,) = list(csv.DictReader(file))  # what every logger got, W&B's included
+    assert float(logged["test/cldice"]) == pytest.approx(metrics["cldice"])
+    assert float(logged["test/ci95/f1/lo"]) == pytest.approx(metrics["ci95"]["f1"][0])
+    assert float(logged["test/second_observer/ci95/betti0_error/hi"]) == pytest.approx(
+        metrics["second_observer"]["ci95"]["betti0_error"][1]
+    )
+    assert float(logged["test/model_minus_second_observer/f1/p_value"]) == pytest.approx(
+        metrics["model_minus_second_observer"]["f1"]["p_value"]
     )
 
 

@@ -1,0 +1,178 @@
+"""`python -m retinaseg.compare a=<eval dir> b=<eval dir>`: is b better than a on the same images?
+
+For each metric: a, b, b - a, the paired-bootstrap 95% interval of b - a and the two-sided p-value of a paired
+permutation test (retinaseg.stats.paired_comparison), recomputed without the models from what each evaluation
+wrote: metrics.json, per_image.csv (per-image counts) and histograms.npz. Writes comparison.json and
+comparison.md into its run directory and prints the table.
+"""
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from retinaseg import stats
+from retinaseg.errors import DataError, exit_on_user_error
+from retinaseg.metrics import DISPLAY, Histograms, ImageCounts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What compare reads of an evaluation directory."""
+
+    directory: Path
+    metrics: dict
+    counts: ImageCounts
+
+
+def read_evaluation(directory: str | None, name: str) -> Evaluation:
+    """metrics.json, per_image.csv's counts and histograms.npz of the evaluation in `directory` (argument `name`)."""
+    if directory is None:
+        raise DataError(
+            f"{name}=<eval dir> is missing: pass the run directories of two retinaseg.eval runs, a=... b=..."
+        )
+    path = Path(directory).expanduser()
+    if not (path / "metrics.json").is_file():
+        raise DataError(f"{name}={directory} holds no metrics.json: pass the run directory of a retinaseg.eval run")
+    metrics = json.loads((path / "metrics.json").read_text())
+    rows = []
+    if (path / "per_image.csv").is_file():
+        with open(path / "per_image.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+    names = ImageCounts.column_names()
+    if not (path / "histograms.npz").is_file() or not rows or not set(names) <= set(rows[0]):
+        raise DataError(
+            f"{name}={directory} has no per-image counts (per_image.csv's tp, fp, ... and histograms.npz): it was "
+            "written by an older retinaseg.eval; evaluate its checkpoint again"
+        )
+    ids = [row["id"] for row in rows]
+    with np.load(path / "histograms.npz", allow_pickle=False) as saved:
+        if saved["ids"].tolist() != ids:
+            raise DataError(f"{name}={directory}: histograms.npz and per_image.csv list different images")
+        histograms = Histograms(saved["positive"].astype(np.int64), saved["negative"].astype(np.int64), saved["edges"])
+    columns = {key: np.array([int(row[key]) for row in rows]) for key in names}
+    return Evaluation(path, metrics, ImageCounts.from_columns(ids, columns, histograms))
+
+
+def image_keys(counts: ImageCounts) -> list[tuple[str, int, int]]:
+    """Each image as (id, vessel pixels, FOV pixels): the same photograph scored against the same label and FOV
+    in two evaluations has the same key."""
+    c = counts.confusion
+    return [(i, int(p), int(t)) for i, p, t in zip(counts.ids, c.tp + c.fn, c.tp + c.fp + c.fn + c.tn)]
+
+
+def paired_images(a: Evaluation, b: Evaluation, allow_different_images: bool) -> tuple[ImageCounts, ImageCounts]:
+    """a's and b's counts of the same images in the same order; refused for different image sets unless
+    `allow_different_images` (then the images both scored)."""
+    keys_a, keys_b = image_keys(a.counts), image_keys(b.counts)
+    if keys_a == keys_b:
+        return a.counts, b.counts
+    position = {key: n for n, key in enumerate(keys_b)}
+    common = [n for n, key in enumerate(keys_a) if key in position]
+    if not allow_different_images or not common:
+        differ = "with the same labels and FOV masks" if len(common) < min(len(keys_a), len(keys_b)) else ""
+        raise DataError(
+            f"a and b scored different images (a: {len(keys_a)} of split {a.metrics.get('split')}, b: {len(keys_b)} "
+            f"of split {b.metrics.get('split')}, {len(common)} in common {differ}): compare evaluations of the same "
+            "images" + (", or pass allow_different_images=true to compare those both scored" if common else "")
+        )
+    log.warning("comparing the %d images both evaluations scored (a: %d, b: %d)", len(common), len(keys_a), len(keys_b))
+    return a.counts.select(common), b.counts.select([position[keys_a[n]] for n in common])
+
+
+def threshold_rule(metrics: dict) -> str:
+    """How an evaluation's threshold was chosen: the rule two evaluations must share (a fixed value, or a rule such
+    as the validation images' best F1, which gives each model its own value)."""
+    if metrics["threshold_from"] == "fixed":
+        return f"fixed at {metrics['threshold']:.4f}"
+    return f"chosen by {metrics['threshold_from']}"
+
+
+def describe_threshold(metrics: dict) -> str:
+    rule = threshold_rule(metrics)
+    return rule if metrics["threshold_from"] == "fixed" else f"{rule} ({metrics['threshold']:.4f})"
+
+
+def compare(cfg: DictConfig) -> dict:
+    """Compare evaluation b with evaluation a; write comparison.json and comparison.md; return the former's content."""
+    stats.check_resamples(cfg.bootstrap)
+    a, b = read_evaluation(cfg.a, "a"), read_evaluation(cfg.b, "b")
+    counts_a, counts_b = paired_images(a, b, cfg.allow_different_images)
+    if threshold_rule(a.metrics) != threshold_rule(b.metrics) and not cfg.allow_different_thresholds:
+        raise DataError(
+            f"a's threshold was {describe_threshold(a.metrics)}, b's {describe_threshold(b.metrics)}: the threshold "
+            "metrics would differ by how the threshold was chosen; evaluate both the same way, or pass "
+            "allow_different_thresholds=true"
+        )
+    if not np.array_equal(counts_a.histograms.edges, counts_b.histograms.edges):
+        raise DataError("a and b binned their probabilities differently: evaluate both with the same retinaseg version")
+    n = len(counts_a.ids)
+    both = ImageCounts.concatenate(counts_a, counts_b)
+    differences = stats.paired_comparison(both.pooled, n, cfg.bootstrap, cfg.seed)
+    result = {
+        "a": str(a.directory.resolve()),
+        "b": str(b.directory.resolve()),
+        "threshold_a": describe_threshold(a.metrics),
+        "threshold_b": describe_threshold(b.metrics),
+        "images": list(counts_a.ids),
+        "n_images": n,
+        "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
+        "metrics": {key: difference.to_json() for key, difference in differences.items()},
+    }
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    report = markdown(result)
+    (output_dir / "comparison.md").write_text(report)
+    print(report, end="")
+    log.info("comparison written to %s", output_dir)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """comparison.md: what was compared and one table row per metric."""
+    resamples = result["bootstrap"]["resamples"]
+    lines = [
+        "# b - a",
+        "",
+        f"- a: `{result['a']}`, threshold {result['threshold_a']}",
+        f"- b: `{result['b']}`, threshold {result['threshold_b']}",
+        f"- {result['n_images']} images; FOV pixels pooled; AUC from the evaluations' histograms",
+        (
+            f"- 95% interval: paired bootstrap over images ({resamples} resamples); p: two-sided paired permutation "
+            f"test ({resamples} random swaps of a and b per image); seed {result['bootstrap']['seed']}"
+            if resamples
+            else "- no intervals (bootstrap=0)"
+        ),
+        "",
+        "| metric | a | b | b - a | 95% interval of b - a | p |",
+        "| --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for key, (name, decimals) in DISPLAY.items():
+        if key not in result["metrics"]:
+            continue
+        name += " (lower is better)" if key == "betti0_error" else ""
+        m = result["metrics"][key]
+        ci = "-" if m["ci95"] is None else f"[{m['ci95'][0]:+.{decimals}f}, {m['ci95'][1]:+.{decimals}f}]"
+        p = "-" if m["p_value"] is None else f"{m['p_value']:.2g}"
+        lines.append(
+            f"| {name} | {m['a']:.{decimals}f} | {m['b']:.{decimals}f} | {m['difference']:+.{decimals}f} | {ci} | {p} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        compare(cfg)
+
+
+if __name__ == "__main__":
+    main()
