@@ -77,11 +77,13 @@ def paired_images(a: Evaluation, b: Evaluation, allow_different_images: bool) ->
     position = {key: n for n, key in enumerate(keys_b)}
     common = [n for n, key in enumerate(keys_a) if key in position]
     if not allow_different_images or not common:
-        differ = "with the same labels and FOV masks" if len(common) < min(len(keys_a), len(keys_b)) else ""
+        relabelled = len(set(a.counts.ids) & set(b.counts.ids)) - len(common)
         raise DataError(
             f"a and b scored different images (a: {len(keys_a)} of split {a.metrics.get('split')}, b: {len(keys_b)} "
-            f"of split {b.metrics.get('split')}, {len(common)} in common {differ}): compare evaluations of the same "
-            "images" + (", or pass allow_different_images=true to compare those both scored" if common else "")
+            f"of split {b.metrics.get('split')}, {len(common)} in common"
+            + (f", {relabelled} more with the same id but other labels or FOV masks" if relabelled else "")
+            + "): compare evaluations of the same images"
+            + (", or pass allow_different_images=true to compare those both scored" if common else "")
         )
     log.warning("comparing the %d images both evaluations scored (a: %d, b: %d)", len(common), len(keys_a), len(keys_b))
     return a.counts.select(common), b.counts.select([position[keys_a[n]] for n in common])
@@ -96,6 +98,7 @@ def threshold_rule(metrics: dict) -> str:
 
 
 def describe_threshold(metrics: dict) -> str:
+    """The rule with the value it gave."""
     rule = threshold_rule(metrics)
     return rule if metrics["threshold_from"] == "fixed" else f"{rule} ({metrics['threshold']:.4f})"
 

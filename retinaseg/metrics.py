@@ -4,7 +4,7 @@
 counts every pooled metric follows from (`ImageCounts`): pixel confusion at the threshold, vessel topology
 (clDice, Betti-0) and class-conditional histograms of the probabilities (AUC). Any set of images, each counted
 any number of times, is then scored from them without the model: what the bootstrap of retinaseg.stats does.
-README, "Metrics", gives each formula and its reference.
+README, "Metrics and statistics", gives each formula and its reference.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ DISPLAY = {
 # where a trained model puts most pixels, get bins as fine as the middle. Only a vessel and a background pixel in
 # the same bin can be ordered wrongly (they count as a tie), so the histograms' AUC is within
 # sum_b pos_b * neg_b / (2 * P * N) of the exact one: 5e-6 for a 16-channel drive_cpu model on DRIVE's test set
-# (its error 1e-7), where 4096 uniform bins on [0, 1] allow 8e-4.
+# (its actual error 2e-8), where 4096 bins uniform in probability allow 8e-4.
 HISTOGRAM_BINS = 2**16
 HISTOGRAM_LOGIT_RANGE = 20.0
 
@@ -354,7 +354,7 @@ def score(
     metrics = {
         **counts.total(),
         "auc": exact_auc(fov_probs, fov_labels),
-        **intervals(counts, resamples, seed),
+        **bootstrap_ci95(counts, resamples, seed),
         "per_image_mean": {key: float(np.mean(per_image[key])) for key in HEADLINE},
         "whole_image": {**whole_image(probs, labels, threshold), "auc": exact_auc(all_probs, all_labels)},
     }
@@ -364,18 +364,18 @@ def score(
         observer = count_images(ids, second_observer, labels, fovs, 0.5, edges=None)
         metrics["second_observer"] = {
             **observer.total(),
-            **intervals(observer, resamples, seed),
+            **bootstrap_ci95(observer, resamples, seed),
             "whole_image": whole_image(second_observer, labels, 0.5),
         }
         # The same images both ways: whether the model is within or beyond human agreement, with a stated confidence.
         both = ImageCounts.concatenate(observer, counts)
         comparison = stats.paired_comparison(both.pooled, len(ids), resamples, seed)
         metrics["model_minus_second_observer"] = {key: value.to_json() for key, value in comparison.items()}
-        observer_rows = rows(observer, observer.per_image())
-    return Scores(metrics, rows(counts, per_image), observer_rows, counts)
+        observer_rows = per_image_rows(observer, observer.per_image())
+    return Scores(metrics, per_image_rows(counts, per_image), observer_rows, counts)
 
 
-def intervals(counts: ImageCounts, resamples: int, seed: int) -> dict:
+def bootstrap_ci95(counts: ImageCounts, resamples: int, seed: int) -> dict:
     """{"ci95": {metric: [low, high]}}; nothing for resamples=0."""
     if resamples == 0:
         return {}
@@ -389,7 +389,7 @@ def whole_image(masks: Sequence[np.ndarray], labels: Sequence[np.ndarray], thres
     return {key: float(value) for key, value in pooled.items()}
 
 
-def rows(counts: ImageCounts, per_image: dict[str, np.ndarray]) -> list[dict]:
+def per_image_rows(counts: ImageCounts, per_image: dict[str, np.ndarray]) -> list[dict]:
     """per_image.csv's rows: id, each metric of the image alone, then the counts they come from."""
     columns = counts.columns()
     return [

@@ -101,7 +101,7 @@ def test_different_image_sets_are_refused_unless_told(drive_evaluation, tmp_path
         writer = csv.DictWriter(file, fieldnames=list(changed[0]))
         writer.writeheader()
         writer.writerows(changed)
-    with pytest.raises(DataError, match="19 in common"):
+    with pytest.raises(DataError, match="19 in common, 1 more with the same id but other labels"):
         run_compare(directory, relabelled, tmp_path / "relabelled_refused")
 
 
@@ -114,3 +114,5 @@ def test_an_evaluation_without_counts_is_refused(drive_evaluation, tmp_path):
         run_compare(directory, old, tmp_path / "refused")
     with pytest.raises(DataError, match="b=<eval dir> is missing"):
         compare(compose_config("compare", [f"a={directory}"], tmp_path / "missing"))
+    with pytest.raises(DataError, match="bootstrap must be a whole number"):
+        run_compare(directory, directory, tmp_path / "negative", "bootstrap=-1")
