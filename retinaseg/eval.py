@@ -116,7 +116,8 @@ def table(metrics: dict) -> str:
     lines = [
         f"{metrics['split']} split, {metrics['n_images']} images, threshold {metrics['threshold']:.4f} ({metrics['threshold_from']}), "
         f"FOV pixels pooled unless noted{', flip TTA' if metrics['tta'] else ''}"
-        + (f"; [95% interval]: bootstrap over images, {resamples} resamples" if resamples else ""),
+        + (f"; [95% interval]: bootstrap over images, {resamples} resamples" if resamples else "")
+        + ("; p: paired permutation test" if resamples and "model_minus_second_observer" in metrics else ""),
         *("   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]),
     ]
     return "\n".join(lines)

@@ -107,6 +107,8 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
     assert observer["sensitivity"] == pytest.approx(0.7746, abs=5e-5) and observer["specificity"] == pytest.approx(
         0.9725, abs=5e-5
     )
+    # and its topology (README): clDice 0.7635, Betti-0 error 0.85 components per image.
+    assert observer["cldice"] == pytest.approx(0.7635, abs=5e-5) and observer["betti0_error"] == pytest.approx(0.85)
 
 
 def test_eval_logs_metrics_intervals_and_a_per_image_table_to_wandb(drive_evaluation_wandb):
