@@ -13,7 +13,7 @@ from skimage import measure
 from skimage.morphology import skeletonize
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import compose_config
+from helpers import compose_config, wandb_runs
 from retinaseg.data.drive import read_drive
 from retinaseg.eval import evaluate
 from retinaseg.metrics import HEADLINE, REPORTED, Histograms
@@ -111,22 +111,23 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
     assert observer["cldice"] == pytest.approx(0.7635, abs=5e-5) and observer["betti0_error"] == pytest.approx(0.85)
 
 
-def test_eval_logs_metrics_intervals_and_a_per_image_table_to_wandb(drive_evaluation_wandb):
+def test_eval_logs_topology_intervals_and_counts_to_wandb(drive_evaluation_wandb):
     metrics = json.loads((drive_evaluation_wandb / "metrics.json").read_text())
     assert metrics["threshold"] == 0.45 and metrics["bootstrap"]["resamples"] == 500
-    (table,) = drive_evaluation_wandb.glob("wandb/offline-run-*/files/media/table/test/per_image_*.table.json")
-    table = json.loads(table.read_text())
-    assert {"id", "f1", "cldice", "betti0_error", "tp"} <= set(table["columns"]) and len(table["data"]) == 20
-    with open(drive_evaluation_wandb / "csv" / "metrics.csv", newline="") as file:
-        (logged,) = list(csv.DictReader(file))  # what every logger got, W&B's included
-    assert float(logged["test/cldice"]) == pytest.approx(metrics["cldice"])
-    assert float(logged["test/ci95/f1/lo"]) == pytest.approx(metrics["ci95"]["f1"][0])
-    assert float(logged["test/second_observer/ci95/betti0_error/hi"]) == pytest.approx(
-        metrics["second_observer"]["ci95"]["betti0_error"][1]
+    (run,) = wandb_runs(drive_evaluation_wandb)  # read back from W&B's own run file
+    assert run.config["bootstrap"] == metrics["bootstrap"]
+    assert (
+        run.summary["test/cldice"] == metrics["cldice"] and run.summary["test/betti0_error"] == metrics["betti0_error"]
     )
-    assert float(logged["test/model_minus_second_observer/f1/p_value"]) == pytest.approx(
-        metrics["model_minus_second_observer"]["f1"]["p_value"]
+    assert run.summary["test/ci95/f1/lo"] == metrics["ci95"]["f1"][0]
+    assert (
+        run.summary["test/second_observer/ci95/betti0_error/hi"]
+        == metrics["second_observer"]["ci95"]["betti0_error"][1]
     )
+    difference = metrics["model_minus_second_observer"]["cldice"]
+    assert run.summary["test/model_minus_second_observer/cldice/p_value"] == difference["p_value"]
+    table = json.loads((run.files / run.summary["test/per_image/path"]).read_text())
+    assert {"id", "cldice", "betti0_error", "tp", "components"} <= set(table["columns"]) and len(table["data"]) == 20
 
 
 def drive_with_inverted_test_labels(drive_root, dest):
