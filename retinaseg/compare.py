@@ -16,10 +16,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from retinaseg import stats
-from retinaseg.errors import DataError, exit_on_user_error
+from retinaseg import config, stats
+from retinaseg.errors import ConfigError, DataError, check_bool, check_int, exit_on_user_error
 from retinaseg.metrics import DISPLAY, Histograms, ImageCounts
+from retinaseg.runs.safe_io import write_text
 
+config.setup()
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +37,7 @@ class Evaluation:
 def read_evaluation(directory: str | None, name: str) -> Evaluation:
     """metrics.json, per_image.csv's counts and histograms.npz of the evaluation in `directory` (argument `name`)."""
     if directory is None:
-        raise DataError(
+        raise ConfigError(
             f"{name}=<eval dir> is missing: pass the run directories of two retinaseg.eval runs, a=... b=..."
         )
     path = Path(directory).expanduser()
@@ -105,11 +107,14 @@ def describe_threshold(metrics: dict) -> str:
 
 def compare(cfg: DictConfig) -> dict:
     """Compare evaluation b with evaluation a; write comparison.json and comparison.md; return the former's content."""
-    stats.check_resamples(cfg.bootstrap)
+    check_int("bootstrap", cfg.bootstrap, minimum=0)
+    check_int("seed", cfg.seed)
+    check_bool("allow_different_images", cfg.allow_different_images)
+    check_bool("allow_different_thresholds", cfg.allow_different_thresholds)
     a, b = read_evaluation(cfg.a, "a"), read_evaluation(cfg.b, "b")
     counts_a, counts_b = paired_images(a, b, cfg.allow_different_images)
     if threshold_rule(a.metrics) != threshold_rule(b.metrics) and not cfg.allow_different_thresholds:
-        raise DataError(
+        raise ConfigError(
             f"a's threshold was {describe_threshold(a.metrics)}, b's {describe_threshold(b.metrics)}: the threshold "
             "metrics would differ by how the threshold was chosen; evaluate both the same way, or pass "
             "allow_different_thresholds=true"
@@ -130,10 +135,9 @@ def compare(cfg: DictConfig) -> dict:
         "metrics": {key: difference.to_json() for key, difference in differences.items()},
     }
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(output_dir / "comparison.json", json.dumps(result, indent=2) + "\n")
     report = markdown(result)
-    (output_dir / "comparison.md").write_text(report)
+    write_text(output_dir / "comparison.md", report)
     print(report, end="")
     log.info("comparison written to %s", output_dir)
     return result

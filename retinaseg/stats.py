@@ -13,19 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retinaseg.errors import DataError
-
 Statistic = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 # Two floating-point sums of the same numbers in another order may differ in their last bits: a resampled
 # difference this close to the observed one counts as equal to it.
 TIE_TOLERANCE = 1e-12
-
-
-def check_resamples(resamples) -> None:
-    """Refuse a `bootstrap=` setting that is not a whole number >= 0, in words for the user."""
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 0:
-        raise DataError(f"bootstrap must be a whole number of resamples >= 0 (0: no intervals), got {resamples!r}")
 
 
 def resample_weights(n_images: int, resamples: int, rng: np.random.Generator) -> np.ndarray:

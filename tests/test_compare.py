@@ -10,61 +10,83 @@ import pytest
 
 from helpers import compose_config, run_entry_point
 from retinaseg.compare import compare
-from retinaseg.errors import DataError
-from retinaseg.metrics import HEADLINE
+from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.errors import ConfigError, DataError
+from retinaseg.eval import write_outputs
+from retinaseg.metrics import HEADLINE, score
+
+
+def write_evaluation(directory, quality: float, threshold: float = 0.5, threshold_from: str = "fixed", n: int = 8):
+    """An evaluation directory as retinaseg.eval writes it, of n synthetic images whose probabilities separate
+    vessels from background by `quality` (different per image, as real images differ)."""
+    samples = synthetic_samples(n, height=64, width=64)
+    rng = np.random.default_rng(int(quality * 100))
+    probs = {}
+    for s in samples:
+        shift = quality * rng.uniform(0.5, 1.5)
+        logit = np.where(s.label > 0, rng.normal(shift, 2.0, s.label.shape), rng.normal(-3.0, 2.0, s.label.shape))
+        probs[s.id] = (1 / (1 + np.exp(-logit))).astype(np.float32)
+    scores = score(
+        [s.id for s in samples],
+        [probs[s.id] for s in samples],
+        [s.label for s in samples],
+        [s.fov for s in samples],
+        threshold,
+        None,
+        200,
+        0,
+    )
+    scores.metrics.update(threshold=threshold, threshold_from=threshold_from, split="test", n_images=n)
+    write_outputs(directory, scores, probs, samples)
+    return directory
 
 
 def run_compare(a, b, output_dir, *overrides: str) -> dict:
     return compare(compose_config("compare", [f"a={a}", f"b={b}", *overrides], output_dir))
 
 
+def read_rows(directory) -> list[dict]:
+    with open(directory / "per_image.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def write_rows(directory, rows: list[dict]) -> None:
+    with open(directory / "per_image.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def keep_images(source, destination, ids: list[str]):
     """A copy of the evaluation in `source` that scored only the images `ids`, in that order."""
-    shutil.copytree(source, destination, ignore=shutil.ignore_patterns("probabilities.npz", "predictions", "plots"))
-    with open(source / "per_image.csv", newline="") as file:
-        rows = {row["id"]: row for row in csv.DictReader(file)}
-    with open(destination / "per_image.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(next(iter(rows.values()))))
-        writer.writeheader()
-        writer.writerows(rows[i] for i in ids)
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns("probabilities.npz", "predictions"))
+    rows = {row["id"]: row for row in read_rows(source)}
+    write_rows(destination, [rows[i] for i in ids])
     with np.load(source / "histograms.npz") as saved:
         order = [saved["ids"].tolist().index(i) for i in ids]
         arrays = {key: saved[key] for key in saved.files}
-    np.savez_compressed(
-        destination / "histograms.npz",
-        **{
-            **arrays,
-            "ids": arrays["ids"][order],
-            "positive": arrays["positive"][order],
-            "negative": arrays["negative"][order],
-        },
-    )
+    for key in ("ids", "positive", "negative"):
+        arrays[key] = arrays[key][order]
+    np.savez_compressed(destination / "histograms.npz", **arrays)
     return destination
 
 
-def test_an_evaluation_compared_with_itself_differs_by_nothing(drive_evaluation, tmp_path):
-    directory, _ = drive_evaluation
-    result = run_entry_point("compare", [f"a={directory}", f"b={directory}", f"hydra.run.dir={tmp_path}"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    comparison = json.loads((tmp_path / "comparison.json").read_text())
+def test_an_evaluation_compared_with_itself_differs_by_nothing(tmp_path):
+    directory = write_evaluation(tmp_path / "eval", quality=2.0)
+    comparison = run_compare(directory, directory, tmp_path / "compare")
     metrics = json.loads((directory / "metrics.json").read_text())
-    assert comparison["n_images"] == 20 and set(comparison["metrics"]) == set(HEADLINE)
+    assert comparison["n_images"] == 8 and set(comparison["metrics"]) == set(HEADLINE)
     for key, values in comparison["metrics"].items():
         assert values["difference"] == 0 and values["ci95"] == [0, 0] and values["p_value"] == 1, key
         # The AUC comes from the histograms: within 1e-4 of the exact one.
         assert values["a"] == pytest.approx(metrics[key], abs=1e-4 if key == "auc" else 1e-12), key
-    table = (tmp_path / "comparison.md").read_text()
-    assert "| F1 | " in table and "| clDice | " in table and table in result.stdout
+    table = (tmp_path / "compare" / "comparison.md").read_text()
+    assert "| F1 | " in table and "| clDice | " in table
 
 
-def test_thresholds_chosen_differently_are_refused_unless_told(drive_evaluation, drive_evaluation_wandb, tmp_path):
-    (a, _), b = drive_evaluation, drive_evaluation_wandb  # thresholds fixed at 0.5 and at 0.45
-    result = run_entry_point("compare", [f"a={a}", f"b={b}", f"hydra.run.dir={tmp_path / 'refused'}"], tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    assert "fixed at 0.5000" in line and "fixed at 0.4500" in line and "allow_different_thresholds=true" in line
-
-    comparison = run_compare(a, b, tmp_path / "told", "allow_different_thresholds=true", "bootstrap=500")
+def test_a_better_evaluation_is_compared_metric_by_metric(tmp_path):
+    a, b = write_evaluation(tmp_path / "a", quality=1.0), write_evaluation(tmp_path / "b", quality=3.0)
+    comparison = run_compare(a, b, tmp_path / "compare", "bootstrap=1000")
     metrics_a, metrics_b = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     for key, values in comparison["metrics"].items():
         tolerance = 1e-4 if key == "auc" else 1e-12
@@ -72,47 +94,76 @@ def test_thresholds_chosen_differently_are_refused_unless_told(drive_evaluation,
         assert values["b"] == pytest.approx(metrics_b[key], abs=tolerance)
         assert values["difference"] == pytest.approx(values["b"] - values["a"], abs=1e-12)
         assert values["ci95"][0] <= values["difference"] <= values["ci95"][1] and 0 < values["p_value"] <= 1, key
-    # A lower threshold marks more vessel pixels on every image: sensitivity up, significantly.
-    sensitivity = comparison["metrics"]["sensitivity"]
-    assert sensitivity["ci95"][0] > 0 and sensitivity["p_value"] < 0.01
+    # Vessels that stand out more on every image: better sensitivity and AUC, significantly.
+    for key in ("sensitivity", "auc"):
+        assert comparison["metrics"][key]["ci95"][0] > 0 and comparison["metrics"][key]["p_value"] < 0.01
+    assert run_compare(a, b, tmp_path / "again", "bootstrap=1000") == comparison  # seeded
 
 
-def test_different_image_sets_are_refused_unless_told(drive_evaluation, tmp_path):
-    directory, _ = drive_evaluation
-    with open(directory / "per_image.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
+def test_thresholds_chosen_differently_are_refused_unless_told(tmp_path):
+    a = write_evaluation(tmp_path / "a", quality=2.0)
+    b = write_evaluation(tmp_path / "b", quality=2.0, threshold=0.42, threshold_from="validation F1")
+    with pytest.raises(ConfigError, match="fixed at 0.5000, b's chosen by validation F1 .0.4200.*allow_different"):
+        run_compare(a, b, tmp_path / "refused")
+    comparison = run_compare(a, b, tmp_path / "told", "allow_different_thresholds=true")
+    assert comparison["metrics"]["sensitivity"]["difference"] > 0  # a lower threshold marks more vessel
+    # Two thresholds each chosen on validation images are chosen the same way.
+    c = write_evaluation(tmp_path / "c", quality=3.0, threshold=0.55, threshold_from="validation F1")
+    assert run_compare(b, c, tmp_path / "both_val")["threshold_b"] == "chosen by validation F1 (0.5500)"
+
+
+def test_different_image_sets_are_refused_unless_told(tmp_path):
+    directory = write_evaluation(tmp_path / "eval", quality=2.0)
+    rows = read_rows(directory)
     ids = [row["id"] for row in rows]
-    subset = keep_images(directory, tmp_path / "subset", ids[7:2:-1])  # 5 images, in another order
+    subset = keep_images(directory, tmp_path / "subset", ids[6:1:-1])  # 5 images, in another order
     with pytest.raises(DataError, match="different images .*allow_different_images=true"):
         run_compare(directory, subset, tmp_path / "refused")
 
     comparison = run_compare(directory, subset, tmp_path / "told", "allow_different_images=true")
-    assert comparison["images"] == ids[3:8] and comparison["n_images"] == 5
-    tp, fp, fn = (sum(int(row[key]) for row in rows[3:8]) for key in ("tp", "fp", "fn"))
+    assert comparison["images"] == ids[2:7] and comparison["n_images"] == 5
+    tp, fp, fn = (sum(int(row[key]) for row in rows[2:7]) for key in ("tp", "fp", "fn"))
     f1 = comparison["metrics"]["f1"]
     assert f1["a"] == f1["b"] == pytest.approx(2 * tp / (2 * tp + fp + fn)) and f1["p_value"] == 1
 
     # The same ids scored against another label are not the same images.
     relabelled = keep_images(directory, tmp_path / "relabelled", ids)
-    with open(relabelled / "per_image.csv", newline="") as file:
-        changed = list(csv.DictReader(file))
+    changed = read_rows(relabelled)
     changed[0]["fn"] = str(int(changed[0]["fn"]) + 1)
-    with open(relabelled / "per_image.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(changed[0]))
-        writer.writeheader()
-        writer.writerows(changed)
-    with pytest.raises(DataError, match="19 in common, 1 more with the same id but other labels"):
+    write_rows(relabelled, changed)
+    with pytest.raises(DataError, match="7 in common, 1 more with the same id but other labels"):
         run_compare(directory, relabelled, tmp_path / "relabelled_refused")
 
 
-def test_an_evaluation_without_counts_is_refused(drive_evaluation, tmp_path):
-    directory, _ = drive_evaluation
+def test_an_evaluation_without_counts_and_bad_settings_are_refused(tmp_path):
+    directory = write_evaluation(tmp_path / "eval", quality=2.0)
     old = tmp_path / "old"
     old.mkdir()
     shutil.copy(directory / "metrics.json", old)
     with pytest.raises(DataError, match="older retinaseg.eval; evaluate its checkpoint again"):
         run_compare(directory, old, tmp_path / "refused")
-    with pytest.raises(DataError, match="b=<eval dir> is missing"):
+    with pytest.raises(ConfigError, match="b=<eval dir> is missing"):
         compare(compose_config("compare", [f"a={directory}"], tmp_path / "missing"))
-    with pytest.raises(DataError, match="bootstrap must be a whole number"):
+    with pytest.raises(ConfigError, match="bootstrap must be an integer >= 0"):
         run_compare(directory, directory, tmp_path / "negative", "bootstrap=-1")
+
+
+@pytest.mark.slow
+def test_compare_on_drive_evaluations_as_a_user_types_it(drive_evaluation, drive_evaluation_wandb, tmp_path):
+    (a, _), b = drive_evaluation, drive_evaluation_wandb  # thresholds fixed at 0.5 and at 0.45
+    result = run_entry_point("compare", [f"a={a}", f"b={a}", f"hydra.run.dir={tmp_path / 'self'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    comparison = json.loads((tmp_path / "self" / "comparison.json").read_text())
+    assert comparison["n_images"] == 20 and all(m["ci95"] == [0, 0] for m in comparison["metrics"].values())
+    assert (tmp_path / "self" / "comparison.md").read_text() in result.stdout
+
+    result = run_entry_point("compare", [f"a={a}", f"b={b}", f"hydra.run.dir={tmp_path / 'refused'}"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "fixed at 0.5000" in line and "fixed at 0.4500" in line and "allow_different_thresholds=true" in line
+
+    told = ["allow_different_thresholds=true", f"hydra.run.dir={tmp_path / 'told'}"]
+    assert run_entry_point("compare", [f"a={a}", f"b={b}", *told], tmp_path).returncode == 0
+    comparison = json.loads((tmp_path / "told" / "comparison.json").read_text())
+    metrics_b = json.loads((b / "metrics.json").read_text())
+    assert comparison["metrics"]["f1"]["b"] == pytest.approx(metrics_b["f1"], abs=1e-12)

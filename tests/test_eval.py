@@ -111,6 +111,7 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
     assert observer["cldice"] == pytest.approx(0.7635, abs=5e-5) and observer["betti0_error"] == pytest.approx(0.85)
 
 
+@pytest.mark.slow
 def test_eval_logs_topology_intervals_and_counts_to_wandb(drive_evaluation_wandb):
     metrics = json.loads((drive_evaluation_wandb / "metrics.json").read_text())
     assert metrics["threshold"] == 0.45 and metrics["bootstrap"]["resamples"] == 500
