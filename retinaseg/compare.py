@@ -58,7 +58,8 @@ def read_evaluation(directory: str | None, name: str) -> Evaluation:
     with np.load(path / "histograms.npz", allow_pickle=False) as saved:
         if saved["ids"].tolist() != ids:
             raise DataError(f"{name}={directory}: histograms.npz and per_image.csv list different images")
-        histograms = Histograms(saved["positive"].astype(np.int64), saved["negative"].astype(np.int64), saved["edges"])
+        positive, negative = saved["positive"].astype(np.int64), saved["negative"].astype(np.int64)
+        histograms = Histograms(positive, negative, float(saved["logit_range"]))
     columns = {key: np.array([int(row[key]) for row in rows]) for key in names}
     return Evaluation(path, metrics, ImageCounts.from_columns(ids, columns, histograms))
 
@@ -119,7 +120,7 @@ def compare(cfg: DictConfig) -> dict:
             "metrics would differ by how the threshold was chosen; evaluate both the same way, or pass "
             "allow_different_thresholds=true"
         )
-    if not np.array_equal(counts_a.histograms.edges, counts_b.histograms.edges):
+    if not counts_a.histograms.same_bins(counts_b.histograms):
         raise DataError("a and b binned their probabilities differently: evaluate both with the same retinaseg version")
     n = len(counts_a.ids)
     both = ImageCounts.concatenate(counts_a, counts_b)

@@ -141,7 +141,7 @@ def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray]
         "ids": np.array(scores.counts.ids),
         "positive": histograms.positive.astype(np.uint32),  # a count per image fits
         "negative": histograms.negative.astype(np.uint32),
-        "edges": histograms.edges,
+        "logit_range": histograms.logit_range,
     }
     write_atomically(output_dir / "histograms.npz", lambda file: np.savez_compressed(file, **arrays))
     write_atomically(output_dir / "probabilities.npz", lambda file: np.savez_compressed(file, **probs))

@@ -199,21 +199,30 @@ def histogram_edges(bins: int = HISTOGRAM_BINS, logit_range: float = HISTOGRAM_L
 @dataclass(frozen=True)
 class Histograms:
     """Class-conditional histograms of the probabilities: per image (rows), the number of vessel (`positive`) and
-    background (`negative`) pixels in each bin of `edges` (columns)."""
+    background (`negative`) pixels in each bin (columns) of `histogram_edges(columns, logit_range)`."""
 
     positive: np.ndarray
     negative: np.ndarray
-    edges: np.ndarray
+    logit_range: float = HISTOGRAM_LOGIT_RANGE
 
     @classmethod
-    def of(cls, probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], edges: np.ndarray) -> Histograms:
+    def of(
+        cls,
+        probs: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray],
+        bins: int = HISTOGRAM_BINS,
+        logit_range: float = HISTOGRAM_LOGIT_RANGE,
+    ) -> Histograms:
         """The histograms of each image's probabilities against its boolean label (the pixels given: the FOV's)."""
-        bins = len(edges) - 1
+        edges = histogram_edges(bins, logit_range)
         positive, negative = np.zeros((len(probs), bins), np.int64), np.zeros((len(probs), bins), np.int64)
         for i, (p, t) in enumerate(zip(probs, labels)):
             index = np.searchsorted(edges[1:-1], p, side="right")
             positive[i], negative[i] = np.bincount(index[t], minlength=bins), np.bincount(index[~t], minlength=bins)
-        return cls(positive, negative, edges)
+        return cls(positive, negative, logit_range)
+
+    def same_bins(self, other: Histograms) -> bool:
+        return self.positive.shape[1] == other.positive.shape[1] and self.logit_range == other.logit_range
 
     @functools.cached_property
     def ordered_pairs(self) -> np.ndarray:
@@ -281,7 +290,7 @@ class ImageCounts:
         index = np.asarray(indices, dtype=int)
         histograms = self.histograms
         if histograms is not None:
-            histograms = Histograms(histograms.positive[index], histograms.negative[index], histograms.edges)
+            histograms = Histograms(histograms.positive[index], histograms.negative[index], histograms.logit_range)
         columns = {key: column[index] for key, column in self.columns().items()}
         return ImageCounts.from_columns([self.ids[i] for i in index], columns, histograms)
 
@@ -291,12 +300,12 @@ class ImageCounts:
         columns = {key: np.concatenate([first.columns()[key], second.columns()[key]]) for key in first.columns()}
         histograms = None
         if first.histograms is not None and second.histograms is not None:
-            if not np.array_equal(first.histograms.edges, second.histograms.edges):
+            if not first.histograms.same_bins(second.histograms):
                 raise ValueError("histograms in different bins cannot be pooled")
             histograms = Histograms(
                 np.concatenate([first.histograms.positive, second.histograms.positive]),
                 np.concatenate([first.histograms.negative, second.histograms.negative]),
-                first.histograms.edges,
+                first.histograms.logit_range,
             )
         return ImageCounts.from_columns(first.ids + second.ids, columns, histograms)
 
@@ -307,18 +316,16 @@ def count_images(
     labels: Sequence[np.ndarray],
     fovs: Sequence[np.ndarray],
     threshold: float,
-    edges: np.ndarray | None,
+    with_histograms: bool,
 ) -> ImageCounts:
-    """The counts of each image inside its FOV: prediction prob > threshold (as FOVMetrics), label non-zero;
-    histograms of the probabilities in the bins of `edges` (None: no histograms, for binary masks)."""
+    """The counts of each image inside its FOV: prediction prob > threshold (as FOVMetrics), label non-zero; with
+    the probabilities' histograms unless `with_histograms` is false (binary masks)."""
     predictions = [(p > threshold) & fov for p, fov in zip(probs, fovs)]
     truths = [(t > 0) & fov for t, fov in zip(labels, fovs)]
     confusion = Confusion.of([p[fov] for p, fov in zip(predictions, fovs)], [t[fov] for t, fov in zip(truths, fovs)])
     histograms = None
-    if edges is not None:
-        histograms = Histograms.of(
-            [p[fov] for p, fov in zip(probs, fovs)], [t[fov] for t, fov in zip(truths, fovs)], edges
-        )
+    if with_histograms:
+        histograms = Histograms.of([p[fov] for p, fov in zip(probs, fovs)], [t[fov] for t, fov in zip(truths, fovs)])
     return ImageCounts(tuple(ids), confusion, Topology.of(predictions, truths), histograms)
 
 
@@ -346,7 +353,7 @@ def score(
     """The metrics of probability maps against labels inside the FOVs, pooled over the images, with bootstrap
     intervals (`resamples` of them, seeded; none for 0), their mean per image and over whole images; the second
     observer's binary masks the same way, and compared with the model on the same images."""
-    counts = count_images(ids, probs, labels, fovs, threshold, histogram_edges())
+    counts = count_images(ids, probs, labels, fovs, threshold, with_histograms=True)
     # The reported AUC is the exact one; the histograms' (within 1e-4 of it) serves the intervals.
     per_image = {**counts.per_image(), "auc": np.array([exact_auc(p[f], t[f]) for p, t, f in zip(probs, labels, fovs)])}
     fov_probs, fov_labels = (np.concatenate([x[f] for x, f in zip(xs, fovs)]) for xs in (probs, labels))
@@ -361,7 +368,7 @@ def score(
     observer_rows = None
     if second_observer is not None:
         # A binary mask has no ROC curve, so the observer gets no AUC.
-        observer = count_images(ids, second_observer, labels, fovs, 0.5, edges=None)
+        observer = count_images(ids, second_observer, labels, fovs, 0.5, with_histograms=False)
         metrics["second_observer"] = {
             **observer.total(),
             **bootstrap_ci95(observer, resamples, seed),

@@ -86,7 +86,7 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
     assert metrics["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-12)
     with np.load(directory / "histograms.npz") as saved:
         assert saved["ids"].tolist() == [s.id for s in samples]
-        histograms = Histograms(saved["positive"], saved["negative"], saved["edges"])
+        histograms = Histograms(saved["positive"], saved["negative"], float(saved["logit_range"]))
     assert histograms.pooled(np.ones(20))["auc"] == pytest.approx(exact_auc, abs=1e-4)
 
     # Every headline number has a 95% interval that contains it, the second observer's too.

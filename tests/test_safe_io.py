@@ -70,10 +70,11 @@ def checkpoint(tmp_path):
 
 def test_a_full_disk_in_eval_is_one_error_and_leaves_no_partial_file(small_disk, checkpoint):
     run = small_disk / "eval"
-    fill_disk(small_disk, left=48 * 1024)  # room for metrics.json and per_image.csv, not the probability maps
+    # Room for metrics.json, per_image.csv and histograms.npz, not the probability maps.
+    fill_disk(small_disk, left=48 * 1024)
     with pytest.raises(DiskFullError, match="probabilities.npz: the disk is full"):
         evaluate(compose_config("eval", [f"ckpt_path={checkpoint}"], run))
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "per_image.csv"]
+    assert sorted(p.name for p in run.iterdir()) == ["histograms.npz", "metrics.json", "per_image.csv"]
 
 
 def test_a_full_disk_in_predict_is_one_error_and_leaves_no_partial_file(small_disk, checkpoint, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from retinaseg import stats
 from retinaseg.data.synthetic import synthetic_samples
-from retinaseg.metrics import ImageCounts, count_images, histogram_edges
+from retinaseg.metrics import ImageCounts, count_images
 
 
 def noisy_counts(n: int, seed: int) -> ImageCounts:
@@ -21,7 +21,7 @@ def noisy_counts(n: int, seed: int) -> ImageCounts:
         score = np.where(s.label > 0, rng.normal(quality, 2.0, s.label.shape), rng.normal(-3.0, 2.0, s.label.shape))
         probs.append((1 / (1 + np.exp(-score))).astype(np.float32))
     return count_images(
-        [s.id for s in samples], probs, [s.label for s in samples], [s.fov for s in samples], 0.5, histogram_edges()
+        [s.id for s in samples], probs, [s.label for s in samples], [s.fov for s in samples], 0.5, with_histograms=True
     )
 
 

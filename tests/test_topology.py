@@ -23,7 +23,9 @@ from retinaseg.metrics import (
 def topology(prediction: np.ndarray, label: np.ndarray) -> dict[str, float]:
     """The topology metrics of one prediction against its label, everything inside the FOV."""
     fov = np.ones_like(label, dtype=bool)
-    counts = count_images(["x"], [prediction.astype(float)], [label.astype(np.uint8)], [fov], 0.5, edges=None)
+    counts = count_images(
+        ["x"], [prediction.astype(float)], [label.astype(np.uint8)], [fov], 0.5, with_histograms=False
+    )
     return {
         **counts.total(),
         "components": int(counts.topology.components[0]),
@@ -125,7 +127,9 @@ def test_pixels_outside_the_fov_do_not_count():
     fov[:, 9:] = False
     prediction = label.copy()
     prediction[5:8, 9:] = True  # a false vessel outside the FOV
-    counts = count_images(["x"], [prediction.astype(float)], [label.astype(np.uint8)], [fov], 0.5, edges=None)
+    counts = count_images(
+        ["x"], [prediction.astype(float)], [label.astype(np.uint8)], [fov], 0.5, with_histograms=False
+    )
     assert counts.total()["cldice"] == 1 and counts.total()["betti0_error"] == 0
     assert counts.confusion.fp[0] == 0 and counts.confusion.tp[0] + counts.confusion.fn[0] == (label & fov).sum()
 
@@ -148,7 +152,7 @@ def counts_of(samples, probs, threshold=0.5) -> ImageCounts:
         [s.label for s in samples],
         [s.fov for s in samples],
         threshold,
-        histogram_edges(),
+        with_histograms=True,
     )
 
 
@@ -181,7 +185,7 @@ def test_auc_from_histograms_is_within_its_bound_and_1e4_of_the_exact_auc():
     pooled = Histograms(
         (weights[:, None] * counts.histograms.positive).sum(0, keepdims=True),
         (weights[:, None] * counts.histograms.negative).sum(0, keepdims=True),
-        counts.histograms.edges,
+        counts.histograms.logit_range,
     )
     assert counts.pooled(weights)["auc"] == pytest.approx(float(pooled.pooled(np.ones(1))["auc"]), abs=1e-12)
     repeated = np.concatenate([np.repeat(q[s.fov], int(w)) for s, q, w in zip(samples, probs, weights)])
@@ -191,8 +195,9 @@ def test_auc_from_histograms_is_within_its_bound_and_1e4_of_the_exact_auc():
 
 def test_histogram_bins_cover_zero_and_one():
     edges = histogram_edges()
+    assert edges[0] == 0 and edges[-1] == 1 and np.all(np.diff(edges) > 0) and len(edges) == 2**16 + 1
     probs = np.array([0.0, 1e-30, 0.5, 1 - 1e-7, 1.0], dtype=np.float32)
-    histograms = Histograms.of([probs], [np.array([False, True, False, True, True])], edges)
+    histograms = Histograms.of([probs], [np.array([False, True, False, True, True])])
     assert histograms.positive.sum() == 3 and histograms.negative.sum() == 2
     assert histograms.negative[0, 0] == 1 and histograms.positive[0, -1] == 1
 
