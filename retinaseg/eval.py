@@ -20,6 +20,7 @@ from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data.datamodule import FundusDataModule, normalize
 from retinaseg.data.sample import Sample
 from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
+from retinaseg.inference import Runtime, on_backend
 from retinaseg.metrics import DISPLAY, Scores, score
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.runs.safe_io import write_atomically, write_png, write_text
@@ -51,14 +52,14 @@ def data_settings(checkpoint: Checkpoint, overrides: dict) -> dict:
 
 
 def predict_samples(
-    module: VesselSegmentationModule, samples: list[Sample], mean, std, tta: bool, what: str
+    module: VesselSegmentationModule, runtime: Runtime, samples: list[Sample], mean, std, tta: bool, what: str
 ) -> dict[str, np.ndarray]:
-    """Probability map (H, W) float32 of each sample, by id."""
+    """Probability map (H, W) float32 of each sample, by id, with `module`'s inference settings on `runtime`."""
     device = module.device
     probs = {}
     for sample in track(samples, description=f"predicting {what}", transient=True):
         image = normalize(sample.image, mean, std)[None].to(device)
-        probs[sample.id] = module.predict_probabilities(image, tta)[0, 0].cpu().numpy()
+        probs[sample.id] = module.predict_probabilities(image, tta, runtime)[0, 0].cpu().numpy()
     return probs
 
 
@@ -191,7 +192,10 @@ def evaluate(cfg: DictConfig) -> dict:
             f"{checkpoint.path} is a plain state_dict, which does not record the images its training held out for "
             "validation: score it on split=test with a fixed threshold (threshold=0.5, the original's)."
         )
-    module = checkpoint.build_module(OmegaConf.to_container(cfg.inference)).to(device)
+    inference = OmegaConf.to_container(cfg.inference)
+    backend, precision = inference.pop("backend"), inference.pop("precision")
+    module = checkpoint.build_module(inference).to(device)
+    runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
     settings = data_settings(checkpoint, OmegaConf.to_container(cfg.data))
     data = FundusDataModule(**settings)
 
@@ -199,7 +203,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if threshold == "val" or cfg.split == "val":
         data.setup("validate")  # the training images only: test labels are not read to choose the threshold
         val_probs = predict_samples(
-            module, data.val_samples, settings["mean"], settings["std"], cfg.tta, "validation images"
+            module, runtime, data.val_samples, settings["mean"], settings["std"], cfg.tta, "validation images"
         )
     if threshold == "val":
         threshold = best_f1_threshold(val_probs, data.val_samples)
@@ -209,7 +213,7 @@ def evaluate(cfg: DictConfig) -> dict:
     else:
         data.setup("test")
         samples = data.test_samples
-        probs = predict_samples(module, samples, settings["mean"], settings["std"], cfg.tta, "test images")
+        probs = predict_samples(module, runtime, samples, settings["mean"], settings["std"], cfg.tta, "test images")
 
     observer = None
     if all((s.extra or {}).get("2nd_manual") is not None for s in samples):
@@ -232,7 +236,7 @@ def evaluate(cfg: DictConfig) -> dict:
         split=cfg.split,
         n_images=len(samples),
         tta=bool(cfg.tta),
-        inference=module.inference,
+        inference={**module.inference, "backend": runtime.backend, "precision": runtime.precision},
         checkpoint=str(Path(cfg.ckpt_path).expanduser().resolve()),
         bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
     )

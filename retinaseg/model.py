@@ -95,10 +95,11 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         # Pad to a multiple of 2**depth so every pooling is exact, then crop back: any size in, same size out.
+        # Always padded (by 0 where the size is a multiple already): no branch on the input's size, so an
+        # export with dynamic height and width (retinaseg.export, OpenVINO) holds for every size.
         multiple = 2**self.depth
         pad_h, pad_w = -height % multiple, -width % multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="replicate")
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="replicate")
         skips = []
         for i in range(self.depth):
             skip, x = getattr(self, f"e{i + 1}")(x)

@@ -1,11 +1,13 @@
 """LightningModule: the U-Net, its loss, the optimizer, and FOV-masked metrics for every split."""
 
 import logging
+import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
 
-from retinaseg.errors import check_bool, check_choice, check_int, check_number
+from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from retinaseg.inference import check_inference, flip_averaged, predict_probabilities
 from retinaseg.losses import LOSSES, SegmentationLoss
 from retinaseg.metrics import FOVMetrics
@@ -68,12 +70,15 @@ class VesselSegmentationModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def predict_probabilities(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    def predict_probabilities(
+        self, images: torch.Tensor, tta: bool = False, runtime: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Vessel probabilities (N, 1, H, W) of whole images, by the configured inference mode; with `tta`,
-        averaged over the images and their flips."""
+        averaged over the images and their flips. `runtime` computes the logits instead of this module
+        (e.g. the module on OpenVINO: retinaseg.inference.on_backend)."""
         if tta:
-            return flip_averaged(self.predict_probabilities, images)
-        return predict_probabilities(self, images, **self.inference)
+            return flip_averaged(lambda flipped: self.predict_probabilities(flipped, runtime=runtime), images)
+        return predict_probabilities(runtime or self, images, **self.inference)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
@@ -125,8 +130,15 @@ class VesselSegmentationModule(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
-            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+            # Over the run's optimizer steps, stepped after each one, so the schedule ends where training ends
+            # whether its length is set in epochs, in steps or by a time budget (retinaseg.budget).
+            steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise ConfigError(
+                    "model.scheduler=cosine needs the length of training: set trainer.max_steps, trainer.max_epochs or trainer.budget."
+                )
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(steps)))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if hp.scheduler == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=5)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/f1"}}

@@ -20,6 +20,7 @@ from retinaseg.checkpoint import load_checkpoint, resolve_device
 from retinaseg.data.datamodule import equalize_contrast, normalize
 from retinaseg.data.drive import read_binary
 from retinaseg.errors import ConfigError, DataError, check_bool, check_number, exit_on_user_error
+from retinaseg.inference import on_backend
 from retinaseg.runs.rundir import RunDir
 from retinaseg.runs.safe_io import write_png
 
@@ -207,7 +208,10 @@ def predict(cfg: DictConfig) -> list[Path]:
     output_dir = output_folder(cfg.output_dir, photos)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     mean, std, clahe = checkpoint.normalisation()
-    module = checkpoint.build_module(OmegaConf.to_container(cfg.inference)).to(device)
+    inference = OmegaConf.to_container(cfg.inference)
+    backend, precision = inference.pop("backend"), inference.pop("precision")
+    module = checkpoint.build_module(inference).to(device)
+    runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
     threshold = module.hparams.threshold if threshold is None else threshold
     fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
     log.info(
@@ -219,7 +223,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         image = read_photograph(photo)
         fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
         x = normalize(equalize_contrast(image) if clahe else image, mean, std)[None].to(module.device)
-        prob = module.predict_probabilities(x, tta)[0, 0].cpu().numpy() * fov
+        prob = module.predict_probabilities(x, tta, runtime)[0, 0].cpu().numpy() * fov
         mask = (prob > threshold) & fov
         prob_path, mask_path, overlay_path = (output_dir / name.format(photo.stem) for name in OUTPUTS)
         write_png(prob_path, np.round(prob * 255).astype(np.uint8))

@@ -3,15 +3,17 @@
 import contextlib
 import json
 import logging
+import time
 
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from retinaseg import config
+from retinaseg.budget import budget_steps
 from retinaseg.callbacks import exit_on_sigterm
 from retinaseg.errors import ConfigError, check_bool, check_int, exit_on_user_error, user_error_of
 from retinaseg.metrics import reported
@@ -45,8 +47,10 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
             f"trainer.max_steps); got {max_epochs!r}"
         )
     callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+    settings.pop("budget", None)  # ours (retinaseg.budget), not the Trainer's
     try:
-        return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        return hydra.utils.instantiate(settings, callbacks=callbacks, logger=loggers)
     except InstantiationException as error:
         cause = error.__cause__
         if user_error_of(error) is None and isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
@@ -56,12 +60,17 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 def train(cfg: DictConfig) -> float | None:
     """Fit and test as configured; return the value of `cfg.optimized_metric` for sweepers."""
+    started = time.perf_counter()
     seed, test = check_int("seed", cfg.seed), check_bool("test", cfg.get("test", False))
     L.seed_everything(seed, workers=True)
     run_dir = RunDir(cfg.paths.output_dir)
     start = plan_start(cfg, run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    if cfg.trainer.get("budget") is not None:
+        # A budgeted run is counted in optimizer steps; its config (and so the loggers) then holds the steps.
+        cfg.trainer.max_steps = budget_steps(cfg, model, datamodule, start.ckpt_path, run_dir, started)
+        cfg.trainer.max_epochs = -1
     trainer = build_trainer(cfg)
     parameters = sum(p.numel() for p in model.parameters())
     log.info("U-Net with %s parameters; run directory %s", f"{parameters:,}", run_dir.path)

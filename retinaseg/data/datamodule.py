@@ -43,6 +43,10 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
 
 
+# OpenCV CLAHE settings of `equalize_contrast` (also written into an exported model's JSON).
+CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, (8, 8)
+
+
 def equalize_contrast(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB with CLAHE applied to its lightness (CIE L*), colours kept.
 
@@ -51,7 +55,8 @@ def equalize_contrast(image: np.ndarray) -> np.ndarray:
     It works on whole images: equalising a patch alone would give it another contrast.
     """
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
-    lab[..., 0] = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(np.ascontiguousarray(lab[..., 0]))
+    clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES)
+    lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 

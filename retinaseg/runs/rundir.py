@@ -60,6 +60,11 @@ class RunDir:
         return self.path / "plots"
 
     @property
+    def budget(self) -> Path:
+        """With trainer.budget: the calibration and the step count it chose (retinaseg.budget)."""
+        return self.path / "budget.json"
+
+    @property
     def config(self) -> Path:
         """Hydra's record of the composed config of the run that started here."""
         return self.path / ".hydra" / "config.yaml"

@@ -1,0 +1,76 @@
+"""retinaseg.export: an ONNX model for any batch, height and width that computes what torch computes, and a JSON
+of its preprocessing and threshold. Skipped only where the `onnx` and `openvino` extras (which runs the ONNX
+file here) are not installed; CI installs both."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import compose_config
+from retinaseg.checkpoint import load_checkpoint
+from retinaseg.errors import ConfigError
+from retinaseg.export import description, export
+from retinaseg.model import UNet
+
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A small U-Net's state_dict (read as the notebook's: RGB / 255, no CLAHE, threshold 0.5)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "unet.pth"
+    torch.save(UNet(3, 1, base_channels=4, depth=2).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("output", ["probabilities", "logits"])
+def test_onnx_model_computes_what_torch_computes_at_any_size(weights, tmp_path, output):
+    openvino = pytest.importorskip("openvino")
+    path = export(compose_config("export", [f"ckpt_path={weights}", f"output={output}"], tmp_path))
+    assert path == tmp_path / "model.onnx"
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    (images,), (result,) = compiled.inputs, compiled.outputs
+    assert (images.get_any_name(), result.get_any_name()) == ("images", output)
+    assert str(images.get_partial_shape()) == "[?,3,?,?]"
+
+    net = load_checkpoint(weights).build_module().net
+    # Batches of 1 to 3, sizes that are and are not multiples of the U-Net's 2**depth (the example's was).
+    for shape in ((1, 3, 37, 53), (3, 3, 64, 64), (2, 3, 17, 90), (1, 3, 100, 4)):
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            expected = net(x) if output == "logits" else net(x).sigmoid()
+        actual = compiled(x.numpy())[0]
+        assert actual.shape == expected.shape
+        assert np.abs(actual - expected.numpy()).max() < 1e-4
+
+    about = json.loads((tmp_path / "model.json").read_text())
+    assert about["model"] == "model.onnx" and about["output"]["kind"] == output
+    assert about["input"]["shape"] == ["batch", 3, "height", "width"]
+    pre = about["preprocessing"]
+    assert pre["mean"] == [0.0, 0.0, 0.0] and pre["std"] == [1.0, 1.0, 1.0] and pre["clahe"] is False
+    assert about["threshold"] == 0.5 and math.isclose(about["logit_threshold"], 0.0)
+
+
+def test_the_json_holds_a_checkpoints_own_preprocessing(drive_checkpoint):
+    checkpoint = load_checkpoint(drive_checkpoint)
+    about = description(checkpoint, Path("model.onnx"), "probabilities")
+    data = checkpoint.data
+    assert about["preprocessing"]["mean"] == list(data["mean"]) and about["preprocessing"]["std"] == list(data["std"])
+    assert about["preprocessing"]["clahe"] == data["clahe"] and about["network"]["base_channels"] == 4
+
+
+def test_export_never_overwrites_and_checks_its_settings(weights, tmp_path):
+    existing = tmp_path / "mine.onnx"
+    existing.write_text("not to be lost")
+    with pytest.raises(ConfigError, match="exists and is not overwritten"):
+        export(compose_config("export", [f"ckpt_path={weights}", f"file={existing}"], tmp_path))
+    assert existing.read_text() == "not to be lost"
+    with pytest.raises(ConfigError, match="output must be one of probabilities, logits"):
+        export(compose_config("export", [f"ckpt_path={weights}", "output=mask"], tmp_path))
+    with pytest.raises(ConfigError, match="format must be one of onnx"):
+        export(compose_config("export", [f"ckpt_path={weights}", "format=tflite"], tmp_path))
