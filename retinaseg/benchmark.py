@@ -3,9 +3,11 @@
 Training: patches per second of our Lightning training step (VesselSegmentationModule under a Trainer)
 against a plain PyTorch loop written like the original notebook (no Lightning, no channels_last), on the
 same model size, patches, batch size and data, at float32 and at our default precision. Inference:
-seconds per whole DRIVE test image for each inference mode. Prints a table and writes JSON.
+seconds per whole DRIVE test image for each inference mode, and for each backend and precision
+(retinaseg.inference.on_backend). Prints tables and writes JSON, with the CPU's flags.
 """
 
+import copy
 import json
 import logging
 import platform
@@ -17,10 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from retinaseg import config
+from retinaseg.budget import StepTimer
 from retinaseg.errors import ConfigError, check_choice, check_int, exit_on_user_error
-from retinaseg.inference import MODES
+from retinaseg.inference import MODES, on_backend
 from retinaseg.losses import SegmentationLoss
 from retinaseg.model import UNet
+from retinaseg.precision import cpu_has_bf16, cpu_info
 from retinaseg.runs.safe_io import write_text
 from retinaseg.tracking import finishing_wandb_run, log_benchmark
 from retinaseg.train import instantiate_group
@@ -29,6 +33,16 @@ config.setup()
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# Whole-image inference variants: (backend, precision, channels_last) by name (conf/benchmark.yaml `backends`).
+BACKEND_VARIANTS = {
+    "torch-fp32": ("torch", "fp32", False),
+    "torch-fp32-channels_last": ("torch", "fp32", True),
+    "torch-bf16-channels_last": ("torch", "bf16", True),
+    "openvino-fp32": ("openvino", "fp32", False),
+    "openvino-bf16": ("openvino", "bf16", False),
+}
+# CPU features that decide which variant is fast, written into benchmark.json.
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def _batches(loader, count: int):
@@ -66,27 +80,11 @@ def plain_loop(cfg: DictConfig, loader, precision: str, device: torch.device) ->
     return time.perf_counter() - start
 
 
-class _StepTimer(L.Callback):
-    """Times the training steps after the warmup ones."""
-
-    def __init__(self, warmup_steps: int):
-        self.warmup_steps, self.start, self.end = warmup_steps, None, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.warmup_steps:
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.end = time.perf_counter()
-
-
 def lightning_loop(cfg: DictConfig, datamodule, precision: str) -> float:
     """Seconds for cfg.steps timed steps of our LightningModule under a Trainer, nothing else switched on."""
     torch.manual_seed(cfg.seed)
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
-    timer = _StepTimer(cfg.warmup_steps)
+    timer = StepTimer(cfg.warmup_steps)
     trainer = L.Trainer(
         max_steps=cfg.warmup_steps + cfg.steps,
         precision=precision,
@@ -129,10 +127,82 @@ def check_settings(cfg: DictConfig) -> None:
     check_int("inference_images", cfg.inference_images, minimum=1)
     for mode in cfg.inference_modes:
         check_choice("inference_modes[]", mode, MODES)
-    if not cfg.precisions:
-        raise ConfigError("precisions must name at least one precision, e.g. [32-true]")
+    if not cfg.precisions and cfg.inference_modes:
+        raise ConfigError(
+            "precisions must name at least one precision (inference_modes run at the last one), e.g. [32-true]; "
+            "precisions=[] inference_modes=[] measures the backends only"
+        )
     for precision in cfg.precisions:
         check_choice("precisions[]", precision, ("32-true", *AUTOCAST))
+    for name in cfg.backends:
+        check_choice("backends[]", name, BACKEND_VARIANTS)
+
+
+def openvino_version() -> dict:
+    """OpenVINO's version and what its CPU plugin reports it can run here (BF16, ...), where it is installed."""
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return {"openvino": openvino.get_version(), "openvino_cpu_capabilities": list(capabilities)}
+
+
+def skipped_because(backend: str, precision: str) -> str | None:
+    """Why this machine does not run a backend variant, or None."""
+    if precision == "bf16" and not cpu_has_bf16():
+        return "no native bf16 on this CPU (AVX512-BF16 or AMX)"
+    if backend == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return "OpenVINO is not installed (pip install -e '.[openvino]')"
+    return None
+
+
+def backend_seconds(cfg: DictConfig, datamodule) -> list[dict]:
+    """Seconds per whole test image (batch of one) of the model on each of `cfg.backends` (CPU), with the same
+    weights: each variant runs once untimed, then the variants take turns for `cfg.rounds` rounds over
+    `cfg.inference_images` images, and each one's fastest round counts."""
+    images = [batch["image"] for _, batch in zip(range(cfg.inference_images), datamodule.test_dataloader())]
+    torch.manual_seed(cfg.seed)
+    contiguous = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth).eval()
+    nets = {False: contiguous, True: copy.deepcopy(contiguous).to(memory_format=torch.channels_last)}
+    rows, runtimes = [], {}
+    for name in cfg.backends:
+        backend, precision, channels_last = BACKEND_VARIANTS[name]
+        row = {"variant": name, "backend": backend, "precision": precision, "channels_last": channels_last}
+        rows.append(row)
+        row["skipped"] = skipped_because(backend, precision)
+        if not row["skipped"]:
+            start = time.perf_counter()
+            runtimes[name] = on_backend(nets[channels_last], backend, precision, cfg.model.in_channels)
+            row["setup_s"] = time.perf_counter() - start  # OpenVINO: converting and compiling the model
+
+    def run(name: str, image: torch.Tensor) -> None:
+        layout = torch.channels_last if BACKEND_VARIANTS[name][2] else torch.contiguous_format
+        runtimes[name](image.contiguous(memory_format=layout))
+
+    best = {}
+    with torch.inference_mode():
+        for name in runtimes:
+            run(name, images[0])  # warm-up: first-call allocations, OpenVINO's compilation for this size
+        for _ in range(cfg.rounds):
+            for name in runtimes:
+                start = time.perf_counter()
+                for image in images:
+                    run(name, image)
+                best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / len(images))
+    baseline = best.get("torch-fp32")
+    for row in rows:
+        if row["variant"] in best:
+            seconds = best[row["variant"]]
+            row.update(
+                seconds_per_image=seconds,
+                seconds_for_20_images=20 * seconds,
+                speedup_vs_torch_fp32=baseline / seconds if baseline else None,
+            )
+    return rows
 
 
 def benchmark(cfg: DictConfig) -> dict:
@@ -173,14 +243,16 @@ def benchmark(cfg: DictConfig) -> dict:
     ]
     for row in inference:
         row["seconds_for_20_images"] = 20 * row["seconds_per_image"]
+    cpu, flags = cpu_info()
     return {
         "machine": {
-            "device": torch.cuda.get_device_name()
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "cpu": cpu or platform.processor() or platform.machine(),
+            "cpu_flags": [flag for flag in REPORTED_FLAGS if flag in flags],
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            **openvino_version(),
         },
         "settings": {
             "base_channels": cfg.model.base_channels,
@@ -194,20 +266,33 @@ def benchmark(cfg: DictConfig) -> dict:
         },
         "training": training,
         "inference": inference,
+        "backends": backend_seconds(cfg, datamodule) if cfg.backends else [],
     }
 
 
 def table(result: dict) -> str:
-    lines = ["loop       precision    patches/s   Mpixels/s   vs plain fp32"]
+    """The measured parts of `result`, one table each."""
+    lines = ["loop       precision    patches/s   Mpixels/s   vs plain fp32"] if result["training"] else []
     for row in result["training"]:
         ratio = f"{row['speedup_vs_plain_fp32']:.2f}x" if row["speedup_vs_plain_fp32"] else "-"
         lines.append(
             f"{row['loop']:<10} {row['precision']:<12} {row['patches_per_s']:>9.1f}   {row['pixels_per_s'] / 1e6:>9.3f}   {ratio:>13}"
         )
-    lines.append("inference  precision    s/image     s/20 images")
+    if result["inference"]:
+        lines.append("inference  precision    s/image     s/20 images")
     for row in result["inference"]:
         lines.append(
             f"{row['mode']:<10} {row['precision']:<12} {row['seconds_per_image']:>7.3f}     {row['seconds_for_20_images']:>7.1f}"
+        )
+    if result["backends"]:
+        lines.append("whole image, by backend      s/image   s/20 images   vs torch fp32   setup s")
+    for row in result["backends"]:
+        if row["skipped"]:
+            lines.append(f"{row['variant']:<28} skipped: {row['skipped']}")
+            continue
+        ratio = f"{row['speedup_vs_torch_fp32']:.2f}x" if row["speedup_vs_torch_fp32"] else "-"
+        lines.append(
+            f"{row['variant']:<28} {row['seconds_per_image']:>7.3f}   {row['seconds_for_20_images']:>11.1f}   {ratio:>13}   {row['setup_s']:>7.1f}"
         )
     return "\n".join(lines)
 

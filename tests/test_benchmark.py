@@ -3,7 +3,7 @@
 import pytest
 
 from helpers import TINY_SYNTHETIC, compose_config
-from retinaseg.benchmark import benchmark, table
+from retinaseg.benchmark import BACKEND_VARIANTS, REPORTED_FLAGS, benchmark, table
 
 
 @pytest.mark.slow
@@ -21,3 +21,8 @@ def test_benchmark_measures_every_variant(tmp_path):
     assert [row["mode"] for row in result["inference"]] == ["whole", "sliding"]
     assert all(row["seconds_per_image"] > 0 for row in result["inference"])
     assert "lightning" in table(result) and "sliding" in table(result)
+    # Every backend variant is timed, or says why this machine skips it (no native bf16, no OpenVINO).
+    assert [row["variant"] for row in result["backends"]] == list(BACKEND_VARIANTS)
+    assert all(row["skipped"] or row["seconds_per_image"] > 0 for row in result["backends"])
+    assert all(row["variant"] in table(result) for row in result["backends"])
+    assert set(result["machine"]["cpu_flags"]) <= set(REPORTED_FLAGS)
