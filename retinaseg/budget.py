@@ -75,6 +75,7 @@ class Calibration:
     """Seconds measured on this machine at the start of a run."""
 
     step_s: float  # one optimizer step, its data included (mean of the timed steps after the warm-up)
+    warmup_s: float  # what the first steps cost beyond step_s each (allocations, kernel choice): the run pays it too
     validation_s: float  # one validation pass over the validation images
     checkpoint_s: float  # writing one checkpoint (the run writes best.ckpt and last.ckpt each epoch)
     test_s: float  # the final test: validation's seconds per image times the test images (0 without a test)
@@ -98,7 +99,7 @@ def plan(budget_s: float, calibration: Calibration, steps_per_epoch: int) -> Pla
     """The most whole epochs whose steps, validations and checkpoints, after what is already spent and
     before the final test, fit in the budget less its margin."""
     c = calibration
-    fixed = c.elapsed_s + c.sanity_s + c.test_s
+    fixed = c.elapsed_s + c.warmup_s + c.sanity_s + c.test_s
     per_epoch = steps_per_epoch * c.step_s + c.validation_s + 2 * c.checkpoint_s
     epochs = math.floor((budget_s * (1 - MARGIN) - fixed) / per_epoch)
     if epochs < 1:
@@ -112,16 +113,19 @@ def plan(budget_s: float, calibration: Calibration, steps_per_epoch: int) -> Pla
 
 
 class StepTimer(L.Callback):
-    """Times the training steps after `warmup_steps` untimed ones; stops training once `seconds` have been
-    timed (never, for None)."""
+    """Times the training steps after `warmup_steps` untimed ones (and those apart); stops training once
+    `seconds` have been timed (never, for None)."""
 
     def __init__(self, warmup_steps: int, seconds: float | None = None):
         self.warmup_steps, self.seconds = warmup_steps, seconds
+        self.first: float | None = None
         self.start: float | None = None
         self.end: float | None = None
         self.steps = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
         if self.start is None and trainer.global_step == self.warmup_steps:
             self.start = time.perf_counter()
 
@@ -138,6 +142,11 @@ class StepTimer(L.Callback):
     @property
     def step_s(self) -> float:
         return (self.end - self.start) / self.steps
+
+    @property
+    def warmup_s(self) -> float:
+        """What the warm-up steps took beyond `step_s` each."""
+        return max(0.0, self.start - self.first - self.warmup_steps * self.step_s)
 
 
 @contextlib.contextmanager
@@ -193,6 +202,7 @@ def calibrate(
     per_batch = validation_s / max(1, len(val_loader))
     return Calibration(
         step_s=timer.step_s,
+        warmup_s=timer.warmup_s,
         validation_s=validation_s,
         checkpoint_s=checkpoint_s,
         test_s=validation_s / max(1, len(val_loader.dataset)) * test_images,

@@ -28,14 +28,14 @@ def test_bad_durations_are_refused(duration):
 
 
 CALIBRATION = budget.Calibration(
-    step_s=0.1, validation_s=1.0, checkpoint_s=0.1, test_s=5.0, sanity_s=0.25, elapsed_s=10.0
+    step_s=0.1, warmup_s=0.5, validation_s=1.0, checkpoint_s=0.1, test_s=5.0, sanity_s=0.25, elapsed_s=9.5
 )
 
 
 def test_plan_fills_the_budget_with_whole_epochs():
     plan = budget.plan(100.0, CALIBRATION, steps_per_epoch=10)
     per_epoch = 10 * 0.1 + 1.0 + 2 * 0.1  # steps, validation, best.ckpt and last.ckpt
-    fixed = 10.0 + 0.25 + 5.0  # setup and calibration, sanity check, test
+    fixed = 9.5 + 0.5 + 0.25 + 5.0  # setup and calibration, the run's first steps, sanity check, test
     assert plan.epochs == math.floor((100.0 * (1 - budget.MARGIN) - fixed) / per_epoch) == 36
     assert plan.max_steps == 360 and plan.steps_per_epoch == 10
     assert plan.expected_s == pytest.approx(fixed + 36 * per_epoch)
