@@ -113,8 +113,8 @@ def plan(budget_s: float, calibration: Calibration, steps_per_epoch: int) -> Pla
 
 
 class StepTimer(L.Callback):
-    """Times the training steps after `warmup_steps` untimed ones (and those apart); stops training once
-    `seconds` have been timed (never, for None)."""
+    """Times the training steps after `warmup_steps` warm-up steps (`step_s`), and what the warm-up cost beyond
+    that (`warmup_s`); stops training once `seconds` have been timed (never, for None)."""
 
     def __init__(self, warmup_steps: int, seconds: float | None = None):
         self.warmup_steps, self.seconds = warmup_steps, seconds
