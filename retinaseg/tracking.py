@@ -509,19 +509,22 @@ def use_training_artifact(logger: LightningWandbLogger, training_run_id: str | N
 def log_benchmark(loggers: Sequence[Logger], result: dict) -> None:
     """A benchmark's `result` (retinaseg.benchmark's JSON) to the run's loggers, each then closed: its settings as
     hyperparameters; `train/<loop>/<precision>/patches_per_s` (and pixels/s, speed-up) and
-    `inference/<mode>/seconds_per_image` as metrics; a W&B run also gets both lists as tables and the machine in
-    its summary."""
+    `inference/<mode>/seconds_per_image` and `backends/<variant>/seconds_per_image` as metrics; a W&B run also
+    gets the lists as tables and the machine in its summary."""
     numbers = {}
     for row in result["training"]:
         numbers.update(flat_numbers(row, f"train/{row['loop']}/{row['precision']}"))
     for row in result["inference"]:
         numbers.update(flat_numbers(row, f"inference/{row['mode']}"))
+    for row in result.get("backends", []):
+        numbers.update(flat_numbers(row, f"backends/{row['variant']}"))
     for logger in loggers:
         logger.log_hyperparams(result["settings"])
         logger.log_metrics(numbers, step=0)
         if isinstance(logger, LightningWandbLogger):
-            for key in ("training", "inference"):
-                log_rows(logger, key, result[key])
+            for key in ("training", "inference", "backends"):
+                if result.get(key):  # a part the benchmark was told to skip has no rows
+                    log_rows(logger, key, result[key])
             logger.experiment.summary.update({f"machine/{k}": v for k, v in result["machine"].items()})
             logger.experiment.summary["git_commit"] = git_commit()
         logger.save()

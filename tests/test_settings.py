@@ -16,11 +16,12 @@ from retinaseg.benchmark import benchmark
 from retinaseg.data.synthetic import synthetic_samples
 from retinaseg.errors import exit_on_user_error
 from retinaseg.eval import evaluate
+from retinaseg.export import export
 from retinaseg.predict import predict
 from retinaseg.train import train
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
-FUNCTIONS = {"train": train, "eval": evaluate, "predict": predict, "benchmark": benchmark}
+FUNCTIONS = {"train": train, "eval": evaluate, "predict": predict, "benchmark": benchmark, "export": export}
 
 
 @pytest.fixture
@@ -54,6 +55,7 @@ def base_overrides(entry: str, files: dict, tmp_path) -> list[str]:
         "eval": [f"ckpt_path={files['ckpt']}"],
         "predict": [f"ckpt_path={files['ckpt']}", f"input={files['photo']}", f"output_dir={tmp_path / 'out'}"],
         "benchmark": [o for o in TINY_SYNTHETIC if not o.startswith("trainer.")] + ["steps=1", "rounds=1"],
+        "export": [f"ckpt_path={files['ckpt']}"],
     }[entry]
 
 
@@ -71,6 +73,8 @@ TABLE = [
     ("train", "seed=abc", "seed must be an integer; got 'abc'"),
     ("train", "trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1, or -1 for no limit"),
     ("train", "data.clahe=no", "data.clahe must be true or false; got 'no'"),
+    ("train", "trainer.budget=soon", "trainer.budget='soon' is not a duration: write DD:HH:MM:SS"),
+    ("train", "trainer.budget=0", "trainer.budget=0 must be a positive duration"),
     ("train", "ckpt_path={weights}", "holds a model's weights only"),
     ("train", "ckpt_path={state_dict}", "holds a model's weights only"),
     ("eval", "threshold=abc", r"threshold must be a number in [0, 1] or val; got 'abc'"),
@@ -79,11 +83,14 @@ TABLE = [
     ("eval", "split=train", "split must be one of test, val; got 'train'"),
     ("eval", "inference.mode=foo", "inference.mode must be one of whole, sliding; got 'foo'"),
     ("eval", "inference.window=0", "inference.window must be an integer >= 1; got 0"),
+    ("eval", "inference.backend=onnx", "inference.backend must be one of torch, openvino, auto; got 'onnx'"),
+    ("eval", "inference.precision=fp16", "inference.precision must be one of fp32, bf16; got 'fp16'"),
     pytest.param("eval", "device=cuda", "device=cuda but this machine has no usable GPU", marks=NO_GPU),
     ("predict", "threshold=2", r"threshold must be a number in [0, 1] or null; got 2"),
     ("predict", "threshold=-1", r"threshold must be a number in [0, 1] or null; got -1"),
     ("predict", "threshold=abc", r"threshold must be a number in [0, 1] or null; got 'abc'"),
     ("predict", "tta=no", "tta must be true or false; got 'no'"),
+    ("predict", "inference.backend=onnx", "inference.backend must be one of torch, openvino, auto; got 'onnx'"),
     ("predict", "output_dir={a_file}", "is a file: pass a folder"),
     ("predict", "fov={empty_fov}", "is empty (all zero)"),
     pytest.param("predict", "device=cuda", "device=cuda but this machine has no usable GPU", marks=NO_GPU),
@@ -91,6 +98,9 @@ TABLE = [
     ("benchmark", "precisions=[foo]", "precisions[] must be one of 32-true, bf16-mixed, 16-mixed; got 'foo'"),
     ("benchmark", "model.lr=-1", "model.lr must be a number > 0; got -1"),
     ("benchmark", "data.num_workers=-1", "data.num_workers must be an integer >= 0; got -1"),
+    ("benchmark", "backends=[onnx]", "backends[] must be one of torch-fp32, torch-fp32-channels_last"),
+    ("export", "output=mask", "output must be one of probabilities, logits; got 'mask'"),
+    ("export", "format=tflite", "format must be one of onnx; got 'tflite'"),
 ]
 
 
