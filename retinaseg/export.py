@@ -47,7 +47,7 @@ class Probabilities(nn.Module):
 def to_onnx(net: nn.Module, path: Path, output: str = "probabilities", channels: int = 3) -> None:
     """Write `net` (eval mode; images (N, channels, H, W) -> logits (N, 1, H, W)) to `path` as ONNX, input
     `images` [batch, channels, height, width] float32, output `output` [batch, 1, height, width]."""
-    model = Probabilities(net) if output == "probabilities" else net
+    model = (Probabilities(net) if output == "probabilities" else net).eval()
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     # torch.export's exporter (the legacy TorchScript one is deprecated); the U-Net branches on no size, so the
     # graph holds for every size. A batch of 2: an example of 1 would be taken as the only batch size.

@@ -1,7 +1,9 @@
 """Whole-image and sliding-window inference, usable outside the training loop."""
 
 import contextlib
+import ctypes
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -266,15 +268,47 @@ def _openvino_runtime(model: nn.Module, precision: str, channels: int) -> Runtim
     # time); the U-Net has no branch on the input's size, so the trace holds for any batch, height and width.
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.zeros(1, channels, 64, 64), check_trace=False)
-    converted = openvino.convert_model(traced, input=[(-1, channels, -1, -1)])
-    # OpenVINO's CPU default is bf16 where the CPU has it: fp32 is asked for explicitly.
-    hint = "bf16" if precision == "bf16" and cpu_has_bf16() else "f32"
-    compiled = openvino.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    compiled = compiled_for_cpu(openvino.convert_model(traced, input=[(-1, channels, -1, -1)]), precision)
 
     def logits(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(compiled(images.detach().float().contiguous().numpy())[0])
 
     return Runtime("openvino", precision, logits)
+
+
+class _SignalStack(ctypes.Structure):
+    """Linux's stack_t, as sigaltstack(2) reads and writes it."""
+
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept():
+    """Gives the calling thread back its alternate signal stack after what runs inside. OpenVINO's CPU plugin
+    points the compiling thread's alternate signal stack at memory of its own and may free that memory later;
+    the next signal handled on that stack (a scheduler's SIGTERM to a training in the same process, Python's
+    faulthandler) then kills the process with SIGSEGV. Linux only (the structure's layout differs elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    sigaltstack = ctypes.CDLL(None, use_errno=True).sigaltstack
+    own = _SignalStack()
+    sigaltstack(None, ctypes.byref(own))
+    try:
+        yield
+    finally:
+        sigaltstack(ctypes.byref(own), None)
+
+
+def compiled_for_cpu(model, precision: str = "fp32"):
+    """An OpenVINO model (converted, or the path of an ONNX or OpenVINO IR file) compiled for this CPU at
+    `precision` ("fp32", or "bf16": OpenVINO's bf16 inference precision hint where the CPU has bf16)."""
+    import openvino
+
+    # OpenVINO's CPU default is bf16 where the CPU has it: fp32 is asked for explicitly.
+    hint = "bf16" if precision == "bf16" and cpu_has_bf16() else "f32"
+    with _signal_stack_kept():
+        return openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
 
 
 def _fastest_run(runtime: Runtime, sample: torch.Tensor) -> float:

@@ -14,6 +14,7 @@ from helpers import compose_config
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.errors import ConfigError
 from retinaseg.export import description, export
+from retinaseg.inference import compiled_for_cpu
 from retinaseg.model import UNet
 
 pytest.importorskip("onnxscript")
@@ -30,10 +31,10 @@ def weights(tmp_path_factory):
 
 @pytest.mark.parametrize("output", ["probabilities", "logits"])
 def test_onnx_model_computes_what_torch_computes_at_any_size(weights, tmp_path, output):
-    openvino = pytest.importorskip("openvino")
+    pytest.importorskip("openvino")
     path = export(compose_config("export", [f"ckpt_path={weights}", f"output={output}"], tmp_path))
     assert path == tmp_path / "model.onnx"
-    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = compiled_for_cpu(str(path), "fp32")
     (images,), (result,) = compiled.inputs, compiled.outputs
     assert (images.get_any_name(), result.get_any_name()) == ("images", output)
     assert str(images.get_partial_shape()) == "[?,3,?,?]"
