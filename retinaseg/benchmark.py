@@ -261,7 +261,7 @@ def benchmark(cfg: DictConfig) -> dict:
             "batch_size": cfg.data.batch_size,
             "steps": cfg.steps,
             "rounds": cfg.rounds,
-            "source": cfg.data.source,
+            "dataset": cfg.data.dataset,
             "inference": OmegaConf.to_container(cfg.model.inference),
         },
         "training": training,

@@ -5,10 +5,12 @@
 - `StopOnNonFiniteLoss`: a clear stop at the first NaN, before broken weights are checkpointed;
 - `TrimLogsOnResume`: csv/metrics.csv without the rows a resumed run logs again;
 - `KeepWandbRun`: the W&B run's id and group in every checkpoint (a continued training logs to the same run);
-- `PlotsCallback`: the run's figures.
+- `PlotsCallback`: the run's figures;
+- `CountTestImages`: test_counts.npz, what a cross-validation sweep pools (retinaseg.sweeps).
 """
 
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -24,8 +26,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from retinaseg import plots
 from retinaseg.checkpoint import WANDB_GROUP_KEY, WANDB_RUN_ID_KEY
 from retinaseg.errors import DivergedError
+from retinaseg.metrics import ImageCounts, count_images
 from retinaseg.runs.metrics_csv import MetricsCSVLogger
 from retinaseg.runs.rundir import RunDir
+from retinaseg.runs.safe_io import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +223,42 @@ class PlotsCallback(L.Callback):
             plots.log_images(trainer.loggers, {"plots/predictions": path})
             log.info("test predictions: %s", path)
         self.rows = []
+
+
+class CountTestImages(L.Callback):
+    """Writes the run directory's `test_counts.npz` after testing: each test image's counts at the model's
+    threshold and its probabilities' histograms (retinaseg.metrics.ImageCounts, as eval keeps them). A
+    cross-validation sweep adds up its folds' files to score every image by the model that never saw it, pooled
+    over all test pixels (retinaseg.sweeps).
+
+    Under DDP each process counts its share of the images and rank 0 gathers them (an image every process
+    tested, when there are fewer images than processes, counts once).
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = RunDir(run_dir).test_counts
+        self.counts: list[ImageCounts] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.counts = []
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        for i, image in enumerate(batch["id"]):
+            prob, label, fov = (x[i, 0].float().cpu().numpy() for x in (outputs["probs"], batch["label"], batch["fov"]))
+            fov = fov > 0
+            self.counts.append(count_images([image], [prob], [label], [fov], pl_module.hparams.threshold, True))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts = self.counts
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, counts)
+            counts = [c for part in gathered for c in part]
+        if trainer.is_global_zero and counts:
+            unique: dict[str, ImageCounts] = {}
+            for c in counts:
+                unique.setdefault(c.ids[0], c)
+            pooled = functools.reduce(ImageCounts.concatenate, unique.values())
+            write_atomically(self.path, pooled.save)

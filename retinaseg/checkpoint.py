@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from retinaseg.data.preprocess import Preprocessing
 from retinaseg.errors import ConfigError, DataError
 from retinaseg.inference import check_inference
 from retinaseg.model import UNet, rename_legacy_keys
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 # A key every retinaseg U-Net has: how a retinaseg checkpoint is told from any other.
 MARKER_KEY = "net.e1.conv_block.conv1.weight"
 # The original notebook's preprocessing: RGB scaled to [0, 1], no standardisation, no CLAHE.
-ORIGINAL_DATA = {"source": "drive", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "clahe": False}
+ORIGINAL_DATA = {"dataset": "drive", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "clahe": False, "scale": 1.0}
 # Where a training checkpoint keeps the id and group of the W&B run that wrote it (retinaseg.callbacks.KeepWandbRun):
 # a resumed training continues that run, an evaluation joins its group.
 WANDB_RUN_ID_KEY = "wandb_run_id"
@@ -40,7 +41,8 @@ class Checkpoint:
     """A model file, read once.
 
     hyper_parameters: VesselSegmentationModule's constructor arguments (plain values).
-    data: the data module's settings the model was trained with (at least mean, std and clahe).
+    data: the data module's settings the model was trained with (at least dataset, mean and std), in the
+    current key names.
     state_dict: VesselSegmentationModule's weights (keys `net.*`), in the current key names.
     from_state_dict: True for a plain U-Net state_dict, which records no training split or threshold.
     resumable: True when it holds what training continues from (optimizer and loop state), not weights only.
@@ -75,9 +77,9 @@ class Checkpoint:
             ) from None
         return module.eval()
 
-    def normalisation(self) -> tuple[list[float], list[float], bool]:
-        """The per-channel mean and std the model was trained with, and whether its images were contrast-equalised."""
-        return list(self.data["mean"]), list(self.data["std"]), bool(self.data.get("clahe", False))
+    def preprocessing(self) -> Preprocessing:
+        """What the model's photographs went through in training: scale, CLAHE, mean and std."""
+        return Preprocessing.of(self.data)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -124,11 +126,13 @@ def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
     state, hparams = content.get("state_dict"), content.get("hyper_parameters")
     if not isinstance(state, dict) or MARKER_KEY not in state or not isinstance(hparams, dict):
         return None
-    data = content.get("datamodule_hyper_parameters") or {}
+    data = dict(content.get("datamodule_hyper_parameters") or {})
     if "mean" not in data or "std" not in data:
         raise DataError(
             f"{path} has no data.mean/data.std (datamodule_hyper_parameters): it was not written by `python -m retinaseg.train`."
         )
+    if "source" in data:  # written before datasets were config groups (data.source: drive or synthetic)
+        data["dataset"] = data.pop("source")
     resumable = all(key in content for key in ("optimizer_states", "loops", "epoch", "global_step"))
     return Checkpoint(
         path,

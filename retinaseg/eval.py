@@ -1,6 +1,8 @@
-"""`python -m retinaseg.eval ckpt_path=<file.ckpt> [split=val] [threshold=val] [tta=true]`: score a checkpoint
-by the DRIVE protocol (pooled over the FOV pixels of the split) and write what every number comes from."""
+"""`python -m retinaseg.eval ckpt_path=<file.ckpt> [data=<dataset>] [split=test|val|all] [threshold=val] [tta=true]`:
+score a checkpoint by the DRIVE protocol (pooled over the FOV pixels of the split), on its own dataset or any
+other, and write what every number comes from."""
 
+import contextlib
 import csv
 import io
 import json
@@ -17,49 +19,68 @@ from torchmetrics.functional.classification import binary_precision_recall_curve
 
 from retinaseg import config, plots, tracking
 from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
-from retinaseg.data.datamodule import FundusDataModule, normalize
-from retinaseg.data.sample import Sample
+from retinaseg.data import sources
+from retinaseg.data.datamodule import FundusDataModule
+from retinaseg.data.preprocess import Preprocessing, resize_probabilities
+from retinaseg.data.sample import Sample, fov_source
 from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
 from retinaseg.inference import Runtime, on_backend
 from retinaseg.metrics import DISPLAY, Scores, score
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.runs.safe_io import write_atomically, write_png, write_text
+from retinaseg.sweeps import in_multirun
 from retinaseg.train import instantiate_group
 
 config.setup()
 log = logging.getLogger(__name__)
 
-SPLITS = ("test", "val")
+SPLITS = ("test", "val", "all")
+# The model's own preprocessing, always the checkpoint's (data.scale belongs to the dataset scored).
+MODEL_PREPROCESSING = ("mean", "std", "clahe")
 
 
-def data_settings(checkpoint: Checkpoint, overrides: dict) -> dict:
-    """The checkpoint's data settings with the non-null `overrides`; a DRIVE path that does not exist
-    here (a checkpoint from another machine, or none recorded) is replaced by $DRIVE_ROOT unless data.root is given."""
-    settings = dict(checkpoint.data)
-    settings.update({key: value for key, value in overrides.items() if value is not None})
-    env_root = os.environ.get("DRIVE_ROOT")
-    if (
-        settings["source"] == "drive"
-        and overrides.get("root") is None
-        and not Path(str(settings.get("root"))).exists()
-        and env_root
-    ):
+def data_settings(checkpoint: Checkpoint, data: dict) -> tuple[dict, dict]:
+    """(own, target): the checkpoint's data settings (its dataset and split, where its validation images come
+    from) and the settings of the images to score.
+
+    Without `data=<name>` the target is the checkpoint's own dataset, with the non-null data.* overrides. With it
+    (`data` then holds that dataset's whole config), the target is that dataset as configured (reader, root, split,
+    scale) with the checkpoint's mean, std and CLAHE. A dataset path of the checkpoint's that does not exist here (a
+    checkpoint from another machine, or none recorded) is replaced by the dataset's environment variable
+    ($DRIVE_ROOT, ...) unless data.root is given.
+    """
+    own = dict(checkpoint.data)
+    chosen = "dataset" in data
+    if not chosen:
+        own.update({key: value for key, value in data.items() if value is not None})
+    env = sources.root_env(own["dataset"])
+    if (chosen or data.get("root") is None) and env and os.environ.get(env) and not Path(str(own.get("root"))).exists():
         log.info(
-            "the checkpoint's data.root %s does not exist here; using DRIVE_ROOT=%s", settings.get("root"), env_root
+            "the checkpoint's data.root %s does not exist here; using %s=%s", own.get("root"), env, os.environ[env]
         )
-        settings["root"] = env_root
-    return settings
+        own["root"] = os.environ[env]
+    if not chosen:
+        return own, own
+    target = {key: value for key, value in data.items() if key != "_target_"}
+    return own, {**target, **{key: own[key] for key in MODEL_PREPROCESSING if key in own}}
 
 
 def predict_samples(
-    module: VesselSegmentationModule, runtime: Runtime, samples: list[Sample], mean, std, tta: bool, what: str
+    module: VesselSegmentationModule,
+    runtime: Runtime,
+    samples: list[Sample],
+    preprocessing: Preprocessing,
+    tta: bool,
+    what: str,
 ) -> dict[str, np.ndarray]:
-    """Probability map (H, W) float32 of each sample, by id, with `module`'s inference settings on `runtime`."""
+    """Probability map (H, W) float32 of each sample at its own resolution, by id, with `module`'s inference
+    settings on `runtime`."""
     device = module.device
     probs = {}
     for sample in track(samples, description=f"predicting {what}", transient=True):
-        image = normalize(sample.image, mean, std)[None].to(device)
-        probs[sample.id] = module.predict_probabilities(image, tta, runtime)[0, 0].cpu().numpy()
+        image = preprocessing.tensor(sample.image)[None].to(device)
+        prob = resize_probabilities(module.predict_probabilities(image, tta, runtime), sample.label.shape)
+        probs[sample.id] = prob[0, 0].cpu().numpy()
     return probs
 
 
@@ -115,7 +136,8 @@ def table(metrics: dict) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     resamples = metrics.get("bootstrap", {}).get("resamples", 0)
     lines = [
-        f"{metrics['split']} split, {metrics['n_images']} images, threshold {metrics['threshold']:.4f} ({metrics['threshold_from']}), "
+        f"{metrics['dataset']} {metrics['split']} split, {metrics['n_images']} images ({metrics['fov']} FOV, scale "
+        f"{metrics['scale']:g}), threshold {metrics['threshold']:.4f} ({metrics['threshold_from']}), "
         f"FOV pixels pooled unless noted{', flip TTA' if metrics['tta'] else ''}"
         + (f"; [95% interval]: bootstrap over images, {resamples} resamples" if resamples else "")
         + ("; p: paired permutation test" if resamples and "model_minus_second_observer" in metrics else ""),
@@ -196,28 +218,26 @@ def evaluate(cfg: DictConfig) -> dict:
     backend, precision = inference.pop("backend"), inference.pop("precision")
     module = checkpoint.build_module(inference).to(device)
     runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
-    settings = data_settings(checkpoint, OmegaConf.to_container(cfg.data))
-    data = FundusDataModule(**settings)
+    own, target = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
+    own_data = FundusDataModule(**own)
+    data = own_data if target is own else FundusDataModule(**target)
 
-    val_probs = None
     if threshold == "val" or cfg.split == "val":
-        data.setup("validate")  # the training images only: test labels are not read to choose the threshold
-        val_probs = predict_samples(
-            module, runtime, data.val_samples, settings["mean"], settings["std"], cfg.tta, "validation images"
-        )
+        # The training images only: test labels are never read to choose the threshold.
+        val_samples = own_data.samples("val")
+        val_probs = predict_samples(module, runtime, val_samples, own_data.preprocessing, cfg.tta, "validation images")
     if threshold == "val":
-        threshold = best_f1_threshold(val_probs, data.val_samples)
-        log.info("threshold %.4f maximises F1 on the %d validation images", threshold, len(data.val_samples))
+        threshold = best_f1_threshold(val_probs, val_samples)
+        log.info("threshold %.4f maximises F1 on the %d validation images", threshold, len(val_samples))
     if cfg.split == "val":
-        samples, probs = data.val_samples, val_probs
+        data, samples, probs = own_data, val_samples, val_probs
     else:
-        data.setup("test")
-        samples = data.test_samples
-        probs = predict_samples(module, runtime, samples, settings["mean"], settings["std"], cfg.tta, "test images")
+        samples = data.samples(cfg.split)
+        probs = predict_samples(module, runtime, samples, data.preprocessing, cfg.tta, f"{cfg.split} images")
 
     observer = None
-    if all((s.extra or {}).get("2nd_manual") is not None for s in samples):
-        observer = [s.extra["2nd_manual"] for s in samples]
+    if all(s.second_label is not None for s in samples):
+        observer = [s.second_label for s in samples]
     scores = score(
         [s.id for s in samples],
         [probs[s.id] for s in samples],
@@ -233,8 +253,11 @@ def evaluate(cfg: DictConfig) -> dict:
         threshold=float(threshold),
         threshold_from="validation F1" if cfg.threshold == "val" else "fixed",
         region="fov",
+        dataset=data.hparams.dataset,
         split=cfg.split,
         n_images=len(samples),
+        fov=fov_source(samples),
+        scale=data.preprocessing.scale,
         tta=bool(cfg.tta),
         inference={**module.inference, "backend": runtime.backend, "precision": runtime.precision},
         checkpoint=str(Path(cfg.ckpt_path).expanduser().resolve()),
@@ -254,7 +277,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error(), tracking.finishing_wandb_run():
+    # In a sweep a failing job is left to Hydra, which records it and goes on (retinaseg.sweeps reports it).
+    with contextlib.nullcontext() if in_multirun() else exit_on_user_error(), tracking.finishing_wandb_run():
         evaluate(cfg)
 
 

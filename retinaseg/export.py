@@ -14,7 +14,7 @@ from torch import nn
 
 from retinaseg import config
 from retinaseg.checkpoint import Checkpoint, load_checkpoint
-from retinaseg.data.datamodule import CLAHE_CLIP_LIMIT, CLAHE_TILES
+from retinaseg.data.preprocess import CLAHE_CLIP_LIMIT, CLAHE_TILES
 from retinaseg.errors import ConfigError, check_choice, exit_on_user_error
 from retinaseg.runs.safe_io import write_atomically, write_text
 

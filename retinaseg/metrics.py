@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from skimage.measure import label as label_components
 from skimage.morphology import skeletonize
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
-    BinaryAUROC,
     BinaryF1Score,
     BinaryJaccardIndex,
     BinaryPrecision,
@@ -66,8 +65,9 @@ class FOVMetrics(MetricCollection):
     """recall, precision, f1, accuracy, specificity, iou at `threshold`, and threshold-free auc.
 
     `update(probs, target, fov)` keeps only pixels where `fov` is true, so every number is pooled over
-    all FOV pixels seen since the last reset (not a mean of per-batch values). With `with_auc=False` no
-    probabilities are stored, which keeps per-step training metrics cheap.
+    all FOV pixels seen since the last reset (not a mean of per-batch values). The AUC is the histograms'
+    (HistogramAUROC), so its memory does not grow with the pixels scored; `with_auc=False` leaves it out, which
+    keeps per-step training metrics cheap.
     """
 
     def __init__(self, threshold: float = 0.5, with_auc: bool = True, prefix: str | None = None):
@@ -80,7 +80,7 @@ class FOVMetrics(MetricCollection):
             "iou": BinaryJaccardIndex(threshold),
         }
         if with_auc:
-            metrics["auc"] = BinaryAUROC()
+            metrics["auc"] = HistogramAUROC()
         super().__init__(metrics, prefix=prefix)
 
     def update(self, probs: torch.Tensor, target: torch.Tensor, fov: torch.Tensor | None = None) -> None:
@@ -239,6 +239,28 @@ class Histograms:
         return {"auc": ratio(pairs, positives * negatives)}
 
 
+class HistogramAUROC(Metric):
+    """The AUC of the probabilities pooled so far, from their class-conditional histograms in the bins of
+    `Histograms` (within 1e-4 of the exact AUC): its memory does not grow with the pixels scored, as exact
+    AUCs' does (HRF's 30 test images, scored at 3504x2336, hold 180 million FOV pixels)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("positive", torch.zeros(HISTOGRAM_BINS, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("negative", torch.zeros(HISTOGRAM_BINS, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        counted = Histograms.of([probs.detach().float().cpu().numpy()], [target.bool().cpu().numpy()])
+        self.positive += torch.from_numpy(counted.positive[0]).to(self.positive.device)
+        self.negative += torch.from_numpy(counted.negative[0]).to(self.negative.device)
+
+    def compute(self) -> torch.Tensor:
+        histograms = Histograms(self.positive.cpu().numpy()[None], self.negative.cpu().numpy()[None])
+        return torch.tensor(float(histograms.pooled(np.ones(1))["auc"]))
+
+
 @dataclass(frozen=True)
 class ImageCounts:
     """What every pooled metric of a set of images follows from, one entry per image in the order of `ids`:
@@ -293,6 +315,23 @@ class ImageCounts:
             histograms = Histograms(histograms.positive[index], histograms.negative[index], histograms.logit_range)
         columns = {key: column[index] for key, column in self.columns().items()}
         return ImageCounts.from_columns([self.ids[i] for i in index], columns, histograms)
+
+    def save(self, file) -> None:
+        """The counts (with their histograms) as one .npz, which `load` reads back."""
+        arrays = {f"column_{key}": column for key, column in self.columns().items()}
+        if self.histograms is not None:
+            arrays.update(positive=self.histograms.positive, negative=self.histograms.negative)
+            arrays["logit_range"] = np.array(self.histograms.logit_range)
+        np.savez_compressed(file, ids=np.array(self.ids), **arrays)
+
+    @classmethod
+    def load(cls, path) -> ImageCounts:
+        with np.load(path, allow_pickle=False) as saved:
+            columns = {key: saved[f"column_{key}"] for key in cls.column_names()}
+            histograms = None
+            if "positive" in saved:
+                histograms = Histograms(saved["positive"], saved["negative"], float(saved["logit_range"]))
+            return cls.from_columns(saved["ids"].tolist(), columns, histograms)
 
     @staticmethod
     def concatenate(first: ImageCounts, second: ImageCounts) -> ImageCounts:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
+from retinaseg.data.preprocess import resize_probabilities
 from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from retinaseg.inference import check_inference, flip_averaged, predict_probabilities
 from retinaseg.losses import LOSSES, SegmentationLoss
@@ -91,7 +92,8 @@ class VesselSegmentationModule(L.LightningModule):
         self._log_and_reset(self.train_metrics)
 
     def _evaluate(self, batch: dict, metrics: FOVMetrics, stage: str) -> torch.Tensor:
-        probs = self.predict_probabilities(batch["image"])
+        # Labels and FOV masks stay at the dataset's resolution (data.scale resizes only what the model sees).
+        probs = resize_probabilities(self.predict_probabilities(batch["image"]), batch["label"].shape[-2:])
         # The loss takes logits; the round trip through logit is exact enough for a reported loss.
         loss = self.loss(torch.logit(probs, eps=1e-6), batch["label"])
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(probs), sync_dist=True)

@@ -8,6 +8,7 @@ import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -78,14 +79,17 @@ def error_map(prediction: np.ndarray, label: np.ndarray, fov: np.ndarray) -> np.
     return out
 
 
-def displayable(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """An image as (H, W, 3) for imshow: uint8 as is, a normalised (3, H, W) tensor stretched to [0, 1]."""
+def displayable(image: np.ndarray | torch.Tensor, size: Sequence[int] | None = None) -> np.ndarray:
+    """An image as (H, W, 3) for imshow: uint8 as is, a normalised (3, H, W) tensor stretched to [0, 1]; resized
+    to `size` (H, W) where given (the model may see photographs at another resolution than their labels')."""
     if isinstance(image, torch.Tensor):
         image = image.detach().float().cpu().permute(1, 2, 0).numpy()
-    if image.dtype == np.uint8:
-        return image
-    low, high = float(image.min()), float(image.max())
-    return (image - low) / max(high - low, 1e-8)
+    if image.dtype != np.uint8:
+        low, high = float(image.min()), float(image.max())
+        image = ((image - low) / max(high - low, 1e-8)).astype(np.float32)
+    if size is not None and image.shape[:2] != tuple(size):
+        image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return image
 
 
 def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path) -> Path:
@@ -105,7 +109,7 @@ def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path) ->
             (~prediction & label & fov).sum(),
         )
         f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-        panels = (displayable(row["image"]), label, prediction, error_map(prediction, label, fov))
+        panels = (displayable(row["image"], label.shape), label, prediction, error_map(prediction, label, fov))
         titles = (str(row["id"]), "label", f"prediction (F1 {f1:.3f})", "errors")
         for ax, panel, title in zip(ax_row, panels, titles):
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")

@@ -1,10 +1,11 @@
 """`python -m retinaseg.predict ckpt_path=<file.ckpt> input=<file or folder> output_dir=<folder> [fov=<file or folder>]`:
-vessel maps of fundus photographs of any size, with the checkpoint's own model and normalisation.
+vessel maps of fundus photographs of any size, with the checkpoint's own model and preprocessing (retinaseg.data.preprocess).
 
 For each photograph `<stem>.<ext>` it writes `<stem>_prob.png` (probability x 255), `<stem>_mask.png`
 (0/255) and `<stem>_overlay.png` (vessels and the FOV outline drawn over the photograph).
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -12,13 +13,11 @@ import cv2
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from rich.progress import track
 
 from retinaseg import config
 from retinaseg.checkpoint import load_checkpoint, resolve_device
-from retinaseg.data.datamodule import equalize_contrast, normalize
-from retinaseg.data.drive import read_binary
+from retinaseg.data.preprocess import estimate_fov, read_mask, read_photograph, resize_probabilities
 from retinaseg.errors import ConfigError, DataError, check_bool, check_number, exit_on_user_error
 from retinaseg.inference import on_backend
 from retinaseg.runs.rundir import RunDir
@@ -30,79 +29,9 @@ log = logging.getLogger(__name__)
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm")
 # What predict writes for each photograph <stem>.<ext>.
 OUTPUTS = ("{}_prob.png", "{}_mask.png", "{}_overlay.png")
-# How an EXIF orientation tag says to turn the stored pixels upright (as PIL.ImageOps.exif_transpose does).
-UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 # Names a FOV mask of `<stem>.<ext>` may have in a fov=<folder>, in order of preference.
 MASK_STEMS = ("{}", "{}_mask", "{}_fov")
-# The FOV is what is brighter than this fraction of the image's 99th-percentile brightness (tuned on
-# DRIVE's 40 masks: intersection over union 0.992 at worst).
-FOV_LEVEL = 0.2
 VESSEL_COLOUR, FOV_COLOUR = np.array([0, 255, 0]), (0, 160, 255)
-
-
-def read_photograph(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from an 8- or 16-bit RGB, RGBA or grayscale image."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise DataError(f"cannot read {path}: it is not a PNG, JPEG, TIFF or PPM image, or it is damaged.")
-    if image.dtype == np.uint16:
-        image = np.round(image / 257).astype(np.uint8)  # 0..65535 onto 0..255
-        log.info("%s: 16-bit, scaled to 8 bits", path.name)
-    elif image.dtype != np.uint8:
-        raise DataError(f"{path} has {image.dtype} pixels; only 8- and 16-bit images are read.")
-    if image.ndim == 2 or image.shape[2] == 1:
-        log.warning(
-            "%s is grayscale: its channel is used as red, green and blue (the model was trained on colour photographs)",
-            path.name,
-        )
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    elif image.shape[2] == 4:
-        log.warning("%s has an alpha channel, which is ignored", path.name)
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    else:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return upright(image, path)
-
-
-def upright(image: np.ndarray, path: Path) -> np.ndarray:
-    """`image` turned as the EXIF orientation tag of its file says (cameras store portraits sideways with one),
-    as image viewers show it; cv2.IMREAD_UNCHANGED does not apply the tag."""
-    try:
-        with Image.open(path) as file:
-            orientation = file.getexif().get(ExifTags.Base.Orientation, 1)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return image
-    if orientation not in UPRIGHT:
-        return image
-    log.info("%s: turned upright as its EXIF orientation tag (%d) says", path.name, orientation)
-    return np.array(Image.fromarray(image).transpose(UPRIGHT[orientation]))
-
-
-def estimate_fov(image: np.ndarray) -> np.ndarray:
-    """The field of view of a fundus photograph: the bright region inside its dark border, holes filled.
-
-    Falls back to the whole image (with a warning) when no region stands out from the border.
-    """
-    brightness = cv2.medianBlur(np.ascontiguousarray(image.max(axis=2)), 5)
-    bright = (brightness > max(10.0, FOV_LEVEL * np.percentile(brightness, 99))).astype(np.uint8)
-    contours, _ = cv2.findContours(bright, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    fov = np.zeros_like(bright)
-    if contours:
-        cv2.drawContours(fov, [max(contours, key=cv2.contourArea)], -1, 1, thickness=cv2.FILLED)
-    if fov.mean() < 0.1:
-        log.warning(
-            "no field of view stands out from a dark border; the whole image is used (pass fov=<mask> to set it)"
-        )
-        return np.ones(bright.shape, bool)
-    return fov.astype(bool)
 
 
 def photographs(input_path: str | None) -> list[Path]:
@@ -153,11 +82,7 @@ def given_fov(photo: Path, fov: Path, shape: tuple[int, int]) -> np.ndarray:
         fov = found[0]
     elif not fov.is_file():
         raise DataError(f"fov={fov}: no such file or folder.")
-    try:
-        with Image.open(fov) as image:
-            mask = read_binary(ImageOps.exif_transpose(image), str(fov)).astype(bool)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read FOV mask {fov}: {error}") from None
+    mask = read_mask(fov.read_bytes(), str(fov)).astype(bool)
     if mask.shape != shape:
         raise DataError(
             f"FOV mask {fov} is {mask.shape[1]}x{mask.shape[0]} but {photo} is {shape[1]}x{shape[0]} (width x height); they must match."
@@ -207,7 +132,11 @@ def predict(cfg: DictConfig) -> list[Path]:
     photos = photographs(cfg.input)
     output_dir = output_folder(cfg.output_dir, photos)
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    mean, std, clahe = checkpoint.normalisation()
+    preprocessing = checkpoint.preprocessing()
+    if cfg.scale is not None:
+        preprocessing = dataclasses.replace(
+            preprocessing, scale=check_number("scale", cfg.scale, 0, include_minimum=False)
+        )
     inference = OmegaConf.to_container(cfg.inference)
     backend, precision = inference.pop("backend"), inference.pop("precision")
     module = checkpoint.build_module(inference).to(device)
@@ -220,10 +149,11 @@ def predict(cfg: DictConfig) -> list[Path]:
 
     written = []
     for photo in track(photos, description="segmenting", disable=len(photos) == 1):
-        image = read_photograph(photo)
+        image = read_photograph(photo.read_bytes(), str(photo))
         fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
-        x = normalize(equalize_contrast(image) if clahe else image, mean, std)[None].to(module.device)
-        prob = module.predict_probabilities(x, tta, runtime)[0, 0].cpu().numpy() * fov
+        x = preprocessing.tensor(image)[None].to(module.device)
+        prob = module.predict_probabilities(x, tta, runtime)
+        prob = resize_probabilities(prob, image.shape[:2])[0, 0].cpu().numpy() * fov
         mask = (prob > threshold) & fov
         prob_path, mask_path, overlay_path = (output_dir / name.format(photo.stem) for name in OUTPUTS)
         write_png(prob_path, np.round(prob * 255).astype(np.uint8))

@@ -1,22 +1,31 @@
-"""Hydra multiruns: failing jobs reported with their overrides, a summary naming the best job, DDP inside a job.
+"""Hydra multiruns: failing jobs reported with their overrides, a summary naming the best job, cross-validation
+folds pooled, the checkpoint x dataset table of an evaluation sweep, DDP inside a job.
 
-`SweepSummary` is a Hydra callback (conf/hydra/default.yaml); retinaseg.train calls `relaunch_ranks_as_this_job`.
+`SweepSummary` and `EvalSweepSummary` are Hydra callbacks (conf/hydra/default.yaml, conf/hydra/eval.yaml);
+retinaseg.train calls `relaunch_ranks_as_this_job`.
 """
 
 import copy
+import csv
+import functools
+import io
+import json
 import logging
 import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
+from retinaseg.metrics import REPORTED, ImageCounts
+from retinaseg.runs.rundir import RunDir
 from retinaseg.runs.safe_io import write_text
 
 log = logging.getLogger(__name__)
@@ -24,6 +33,9 @@ log = logging.getLogger(__name__)
 # Each job's record, in its own directory, and the sweep's summary, in the sweep directory.
 JOB_FILE = "sweep_job.yaml"
 SUMMARY_FILE = "sweep_summary.yaml"
+# The table of an evaluation sweep, in its directory.
+EVAL_TABLE = "eval_summary"
+EVAL_COLUMNS = ("checkpoint", "dataset", "split", "n_images", "fov", "f1", "auc", "sensitivity", "specificity")
 
 
 def in_multirun() -> bool:
@@ -45,9 +57,35 @@ def relaunch_ranks_as_this_job() -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
+def cross_validation(jobs: list[dict]) -> list[dict]:
+    """The test metrics of each cross-validation among `jobs` (those with a `fold`; one per set of other overrides):
+    pooled over all its folds' test pixels (each image scored by the model that never saw it), and the mean and
+    sd (n - 1) over folds of each fold's own test metrics."""
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        if job.get("fold") is not None:
+            others = tuple(o for o in job["overrides"] if not o.startswith("data.fold="))
+            groups.setdefault(others, []).append(job)
+    results = []
+    for others, group in groups.items():
+        done = [j for j in group if j["status"] == "COMPLETED" and RunDir(j["dir"]).test_counts.is_file()]
+        result = {"overrides": list(others), "folds": group[0]["folds"], "folds_done": sorted(j["fold"] for j in done)}
+        if done:
+            counts = (ImageCounts.load(RunDir(j["dir"]).test_counts) for j in done)
+            per_fold = [json.loads(RunDir(j["dir"]).metrics.read_text()) for j in done]
+            result["pooled"] = functools.reduce(ImageCounts.concatenate, counts).total()
+            result["mean"] = {k: float(np.mean([m[k] for m in per_fold])) for k in REPORTED}
+            result["sd"] = {
+                k: float(np.std([m[k] for m in per_fold], ddof=1)) if len(done) > 1 else None for k in REPORTED
+            }
+        results.append(result)
+    return results
+
+
 class SweepSummary(Callback):
     """Logs each failing job of a multirun with its overrides, and keeps `<sweep dir>/sweep_summary.yaml`: every
-    job's number, overrides, directory, status and value of `optimized_metric`, and the best job by `direction`.
+    job's number, overrides, directory, status and value of `optimized_metric`, the best job by `direction`, and
+    for cross-validation jobs (data.folds set) their folds pooled (`cross_validation`).
 
     Each job leaves its record in its own directory (`sweep_job.yaml`) and the summary is gathered from those,
     so it is complete whichever launcher ran the jobs (here, or on SLURM nodes) and even if the sweep stops early.
@@ -68,6 +106,8 @@ class SweepSummary(Callback):
             "overrides": list(job_return.overrides),
             "dir": config.hydra.runtime.output_dir,
         }
+        if OmegaConf.select(config, "data.folds"):
+            record["folds"], record["fold"] = config.data.folds, config.data.fold
         if job_return.status == JobStatus.COMPLETED:
             value = job_return.return_value
             record["value"] = None if value is None else float(value)
@@ -82,11 +122,28 @@ class SweepSummary(Callback):
                 "job #%s failed (overrides: %s): %s", record["job"], " ".join(record["overrides"]), record.get("error")
             )
         write_text(Path(record["dir"], JOB_FILE), yaml.safe_dump(record, sort_keys=False))
-        self.write_summary(Path(config.hydra.sweep.dir), config.optimized_metric)
+        self.write_summary(Path(config.hydra.sweep.dir), OmegaConf.select(config, "optimized_metric"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        summary = self.write_summary(Path(config.hydra.sweep.dir), config.optimized_metric)
+        summary = self.write_summary(Path(config.hydra.sweep.dir), OmegaConf.select(config, "optimized_metric"))
+        for result in summary.get("cross_validation", []):
+            if "pooled" in result:
+                pooled, mean, sd = result["pooled"], result["mean"], result["sd"]
+                log.info(
+                    "cross-validation, folds %s of %d: pooled over their test pixels F1 %.4f AUC %.4f; "
+                    "mean over folds F1 %.4f (sd %s) AUC %.4f (sd %s)",
+                    result["folds_done"],
+                    result["folds"],
+                    pooled["f1"],
+                    pooled["auc"],
+                    mean["f1"],
+                    "-" if sd["f1"] is None else f"{sd['f1']:.4f}",
+                    mean["auc"],
+                    "-" if sd["auc"] is None else f"{sd['auc']:.4f}",
+                )
         best = summary["best"]
+        if summary["optimized_metric"] is None:
+            return
         if best is None:
             log.warning(
                 "no job of the sweep returned %s; see %s",
@@ -115,6 +172,35 @@ class SweepSummary(Callback):
             "best": copy.deepcopy(pick(scored, key=lambda job: job["value"])) if scored else None,  # no YAML alias
             "jobs": jobs,
         }
+        pooled = cross_validation(jobs)
+        if pooled:
+            summary["cross_validation"] = pooled
         # Jobs finishing together (on several nodes) never leave a torn file.
         write_text(sweep_dir / SUMMARY_FILE, yaml.safe_dump(summary, sort_keys=False))
+        return summary
+
+
+class EvalSweepSummary(SweepSummary):
+    """SweepSummary for `python -m retinaseg.eval -m ckpt_path=a.ckpt,b.ckpt data=drive,stare`: also writes
+    `eval_summary.md` and `eval_summary.csv` into the sweep directory, one row per checkpoint x dataset (from
+    each job's metrics.json): F1, AUC, sensitivity and specificity pooled over the FOV pixels of the split."""
+
+    def write_summary(self, sweep_dir: Path, metric: str | None) -> dict:
+        summary = super().write_summary(sweep_dir, metric)
+        rows = []
+        for job in summary["jobs"]:
+            path = RunDir(job["dir"]).metrics
+            if job["status"] == "COMPLETED" and path.is_file():
+                metrics = json.loads(path.read_text())
+                rows.append({key: metrics.get(key) for key in EVAL_COLUMNS})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=EVAL_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(sweep_dir / f"{EVAL_TABLE}.csv", text.getvalue())
+        lines = ["| " + " | ".join(EVAL_COLUMNS) + " |", "|" + " --- |" * len(EVAL_COLUMNS)]
+        for row in rows:
+            cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()]
+            lines.append("| " + " | ".join(cells) + " |")
+        write_text(sweep_dir / f"{EVAL_TABLE}.md", "\n".join(lines) + "\n")
         return summary

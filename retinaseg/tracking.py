@@ -314,7 +314,7 @@ class WandbPredictionImages(L.Callback):
             predicted = (outputs["probs"][i, 0] > pl_module.hparams.threshold) & batch["fov"][i, 0].bool()
             self.images.append(
                 {
-                    "image": np.round(displayable(batch["image"][i]) * 255).astype(np.uint8),
+                    "image": np.round(displayable(batch["image"][i], batch["label"].shape[-2:]) * 255).astype(np.uint8),
                     "caption": batch["id"][i],
                     "masks": vessel_masks(batch["label"][i, 0].cpu().numpy(), predicted.cpu().numpy()),
                 }
@@ -439,7 +439,18 @@ def flat_numbers(values: Mapping, prefix: str) -> dict[str, float]:
 
 
 # metrics.json's entries that describe how an evaluation was made, not what it measured.
-EVALUATION_SETTINGS = ("checkpoint", "split", "threshold_from", "tta", "inference", "region", "bootstrap")
+EVALUATION_SETTINGS = (
+    "checkpoint",
+    "dataset",
+    "split",
+    "fov",
+    "scale",
+    "threshold_from",
+    "tta",
+    "inference",
+    "region",
+    "bootstrap",
+)
 
 
 def log_evaluation(

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from retinaseg import config
 from retinaseg.budget import budget_steps
 from retinaseg.callbacks import exit_on_sigterm
+from retinaseg.data.sample import fov_source
 from retinaseg.errors import ConfigError, check_bool, check_int, exit_on_user_error, user_error_of
 from retinaseg.metrics import reported
 from retinaseg.runs.resume import plan_start
@@ -96,7 +97,13 @@ def train(cfg: DictConfig) -> float | None:
         if not best:
             log.warning("no best checkpoint was saved; testing the weights at the end of training")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-        metrics = {**reported(trainer.callback_metrics, prefix="test/"), "checkpoint": best or None}
+        metrics = {
+            **reported(trainer.callback_metrics, prefix="test/"),
+            "checkpoint": best or None,
+            "dataset": datamodule.hparams.dataset,
+            "fov": fov_source(datamodule.test_samples),
+            "scale": datamodule.preprocessing.scale,
+        }
         if trainer.is_global_zero:  # every DDP process holds the same (synced) metrics
             write_text(run_dir.metrics, json.dumps(metrics, indent=2) + "\n")
             log.info("test metrics of %s: %s", best or "the final weights", json.dumps(metrics))

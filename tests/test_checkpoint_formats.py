@@ -17,10 +17,16 @@ from retinaseg.train import train
 
 
 def write_old_style(path):
-    """Rewrite the retinaseg checkpoint at `path` with the decoder keys it had before `up_conv` (`d1.up.weight`)."""
+    """Rewrite the retinaseg checkpoint at `path` as checkpoints were written before the decoder's `up_conv` kept
+    the original's name (`d1.up.weight`) and before datasets were config groups (data settings `source: synthetic`,
+    no dataset, scale, folds or fold)."""
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["state_dict"] = {k.replace(".up_conv.", ".up."): v for k, v in checkpoint["state_dict"].items()}
     assert any(".up." in k for k in checkpoint["state_dict"])
+    data = checkpoint["datamodule_hyper_parameters"]
+    data["source"] = data.pop("dataset")
+    for key in ("scale", "folds", "fold"):
+        del data[key]
     torch.save(checkpoint, path)
 
 
@@ -37,6 +43,7 @@ def test_old_checkpoints_keep_working_in_eval_predict_and_resume(tmp_path, caplo
             compose_config("eval", [f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"], tmp_path / "eval")
         )
     assert 0 <= metrics["f1"] <= 1 and caplog.text.count(renamed) == 1
+    assert metrics["dataset"] == "synthetic" and metrics["scale"] == 1 and metrics["n_images"] == 4
 
     caplog.clear()
     photo = tmp_path / "photo.png"

@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from retinaseg.data.datamodule import EpochSampler, FundusDataModule, PatchDataset, equalize_contrast
-from retinaseg.data.drive import read_drive
-from retinaseg.data.synthetic import synthetic_samples
+from helpers import read_split
+from retinaseg.data.datamodule import EpochSampler, FundusDataModule, PatchDataset
+from retinaseg.data.preprocess import Preprocessing, equalize_contrast
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
 def drive_test(drive_root):
-    return read_drive(drive_root, "test")
+    return read_split("drive", drive_root, "test")
 
 
 def test_drive_test_split_has_the_original_vessel_counts(drive_test):
@@ -30,7 +31,7 @@ def test_palette_second_observer_reads_as_binary_and_matches_the_human_reference
     raw = Image.open(drive_root / "test" / "2nd_manual" / "01_manual2.gif")
     assert raw.mode == "P" and set(np.unique(np.asarray(raw))) == {0, 1}
     first = np.concatenate([s.label[s.fov] for s in drive_test]).astype(bool)
-    second = np.concatenate([s.extra["2nd_manual"][s.fov] for s in drive_test]).astype(bool)
+    second = np.concatenate([s.second_label[s.fov] for s in drive_test]).astype(bool)
     tp, fp, fn = (first & second).sum(), (~first & second).sum(), (first & ~second).sum()
     assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(0.7891, abs=5e-5)
     assert (first == second).mean() == pytest.approx(0.9473, abs=5e-5)
@@ -55,7 +56,7 @@ def test_folder_and_zip_read_the_same(drive_root, tmp_path):
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted(folder.rglob("*")):
             z.write(path, path.relative_to(tmp_path))  # members under DRIVE/, as distributed
-    from_folder, from_zip = read_drive(folder, "training"), read_drive(archive, "training")
+    from_folder, from_zip = read_split("drive", folder, "train"), read_split("drive", archive, "train")
     assert [s.id for s in from_folder] == [s.id for s in from_zip] == ["21_training", "22_training"]
     for a, b in zip(from_folder, from_zip):
         assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label) and np.array_equal(a.fov, b.fov)
@@ -63,7 +64,7 @@ def test_folder_and_zip_read_the_same(drive_root, tmp_path):
 
 def test_missing_dataset_says_where_it_looked_and_what_to_do(tmp_path):
     with pytest.raises(DataError, match="data=synthetic") as error:
-        read_drive(tmp_path / "nowhere", "training")
+        read_split("drive", tmp_path / "nowhere", "train")
     assert str(tmp_path / "nowhere") in str(error.value)
 
 
@@ -71,7 +72,7 @@ def test_image_without_label_is_named(drive_root, tmp_path):
     copy_subset(drive_root, tmp_path)
     (tmp_path / "training" / "1st_manual" / "22_manual1.gif").unlink()
     with pytest.raises(DataError, match="22_training.tif has no 1st_manual"):
-        read_drive(tmp_path, "training")
+        read_split("drive", tmp_path, "train")
 
 
 def test_patches_are_centred_in_the_fov_and_deterministic():
@@ -79,13 +80,13 @@ def test_patches_are_centred_in_the_fov_and_deterministic():
     for s in samples:
         s.image[...] = 0
         s.image[s.fov] = 255  # a patch's centre pixel is white exactly when it lies in the FOV
-    dataset = PatchDataset(samples, patch_size=16, mean=(0, 0, 0), std=(1, 1, 1), augment=False, seed=3, length=50)
+    dataset = PatchDataset(samples, patch_size=16, preprocessing=Preprocessing(), augment=False, seed=3, length=50)
     for k in range(50):
         item = dataset[k]
         assert item["image"].shape == (3, 16, 16) and item["label"].shape == item["fov"].shape == (1, 16, 16)
         assert item["fov"][0, 8, 8] and item["image"][0, 8, 8] == 1.0
-    augmented = PatchDataset(samples, 16, (0, 0, 0), (1, 1, 1), augment=True, seed=3, length=5)
-    again = PatchDataset(samples, 16, (0, 0, 0), (1, 1, 1), augment=True, seed=3, length=5)
+    augmented = PatchDataset(samples, 16, Preprocessing(), augment=True, seed=3, length=5)
+    again = PatchDataset(samples, 16, Preprocessing(), augment=True, seed=3, length=5)
     for k in range(5):
         assert torch.equal(augmented[k]["image"], again[k]["image"]) and torch.equal(
             augmented[k]["label"], again[k]["label"]
@@ -100,12 +101,12 @@ def test_each_epoch_draws_new_patch_indices():
 
 
 def test_split_is_by_image_and_fixed_by_seed():
-    dm = FundusDataModule(source="synthetic", synthetic_images=6, synthetic_size=(96, 96), val_images=2, patch_size=32)
+    dm = FundusDataModule(dataset="synthetic", synthetic_images=6, synthetic_size=(96, 96), val_images=2, patch_size=32)
     dm.setup("fit")
     train_ids, val_ids = [s.id for s in dm.train_samples], [s.id for s in dm.val_samples]
     assert len(train_ids) == 4 and len(val_ids) == 2 and not set(train_ids) & set(val_ids)
     other = FundusDataModule(
-        source="synthetic", synthetic_images=6, synthetic_size=(96, 96), val_images=2, patch_size=32
+        dataset="synthetic", synthetic_images=6, synthetic_size=(96, 96), val_images=2, patch_size=32
     )
     other.setup("fit")
     assert [s.id for s in other.val_samples] == val_ids
@@ -125,20 +126,28 @@ def test_clahe_raises_vessel_contrast_and_applies_to_every_split(drive_test):
         return (green[background].mean() - green[vessel].mean()) / green[s.fov].std()
 
     assert gap(out) > 1.5 * gap(s.image) > 0
-    settings = dict(source="synthetic", synthetic_images=4, synthetic_size=(96, 96), val_images=1, patch_size=32)
-    plain, equalised = FundusDataModule(**settings), FundusDataModule(**settings, clahe=True)
-    for dm in (plain, equalised):
-        dm.setup()
-    for split in ("train_samples", "val_samples", "test_samples"):
-        for a, b in zip(getattr(plain, split), getattr(equalised, split), strict=True):
-            assert np.array_equal(equalize_contrast(a.image), b.image) and not np.array_equal(a.image, b.image)
+    # Training patches, validation and test images all go through it; the samples themselves stay as read.
+    dm = FundusDataModule(
+        dataset="synthetic", synthetic_images=4, synthetic_size=(96, 96), val_images=1, patch_size=32, clahe=True
+    )
+    dm.setup()
+    for loader, samples in ((dm.val_dataloader(), dm.val_samples), (dm.test_dataloader(), dm.test_samples)):
+        for batch, sample in zip(loader, samples, strict=True):
+            expected = torch.from_numpy(equalize_contrast(sample.image)).permute(2, 0, 1).float() / 255
+            assert torch.equal(batch["image"][0], expected) and not np.array_equal(
+                sample.image, equalize_contrast(sample.image)
+            )
+    patches = dm.train_dataloader().dataset
+    pad = patches.pad
+    for image, sample in zip(patches.images, dm.train_samples, strict=True):
+        assert np.array_equal(image[pad:-pad, pad:-pad], equalize_contrast(sample.image))
 
 
 def test_bad_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="val_images=6 leaves no training image"):
-        FundusDataModule(source="synthetic", synthetic_images=6, synthetic_size=(64, 64), val_images=6).setup("fit")
+        FundusDataModule(dataset="synthetic", synthetic_images=6, synthetic_size=(64, 64), val_images=6).setup("fit")
     with pytest.raises(ConfigError, match=r"data.batch_size must be an integer >= 1; got 0"):
-        FundusDataModule(source="synthetic", batch_size=0)
+        FundusDataModule(dataset="synthetic", batch_size=0)
 
 
 def test_a_resumed_epoch_skips_the_patches_already_trained_on():

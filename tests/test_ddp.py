@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from helpers import TINY_SYNTHETIC, run_module
-from retinaseg.metrics import REPORTED, reported
+from retinaseg.metrics import REPORTED, ImageCounts, reported
 from retinaseg.module import VesselSegmentationModule
 
 # Every test here trains.
@@ -60,6 +60,10 @@ def test_two_process_ddp_equals_single_process_evaluation(tmp_path):
     ddp_test = json.loads((job / "metrics.json").read_text())
     assert all(0.0 < test[key] < 1.0 for key in ("recall", "specificity", "auc"))
     assert {key: ddp_test[key] for key in REPORTED} == pytest.approx(test, abs=1e-6)
+    # The test images counted for cross-validation pooling: all 5, gathered from both processes.
+    counts = ImageCounts.load(job / "test_counts.npz")
+    assert sorted(counts.ids) == sorted(datamodule.ids("test"))
+    assert {key: counts.total()[key] for key in REPORTED} == pytest.approx(test, abs=1e-4)
 
     val = evaluate("val", best, datamodule)
     best_epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"]

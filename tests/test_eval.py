@@ -13,8 +13,7 @@ from skimage import measure
 from skimage.morphology import skeletonize
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import compose_config, wandb_runs
-from retinaseg.data.drive import read_drive
+from helpers import compose_config, read_split, wandb_runs
 from retinaseg.eval import evaluate
 from retinaseg.metrics import HEADLINE, REPORTED, Histograms
 
@@ -40,7 +39,7 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
     assert "second observer" in printed
     assert (directory / "plots" / "predictions.png").is_file() and (directory / "plots" / "roc_pr.png").is_file()
 
-    samples = read_drive(drive_root, "test")
+    samples = read_split("drive", drive_root, "test")
     with open(directory / "per_image.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["id"] for row in rows] == [s.id for s in samples]
@@ -159,7 +158,7 @@ def test_threshold_val_is_chosen_on_validation_images_only(drive_root, drive_che
     assert val["threshold_from"] == "validation F1" and val["n_images"] == 4 and "second_observer" not in val
     # On the validation images no threshold of a fine grid beats the chosen one.
     probs = np.load(tmp_path / "val" / "probabilities.npz")
-    samples = [s for s in read_drive(drive_root, "training") if s.id in probs.files]
+    samples = [s for s in read_split("drive", drive_root, "train") if s.id in probs.files]
     p = np.concatenate([probs[s.id][s.fov] for s in samples])
     y = np.concatenate([s.label[s.fov] for s in samples]).astype(bool)
     assert val["f1"] == pytest.approx(pooled_f1(p, y, val["threshold"]), abs=1e-6)
@@ -170,7 +169,7 @@ def test_threshold_val_is_chosen_on_validation_images_only(drive_root, drive_che
     test = run_eval(drive_checkpoint, [f"data.root={root}", "threshold=val", "plot_images=0"], tmp_path / "test")
     assert test["threshold"] == val["threshold"] and test["n_images"] == 2
     probs = np.load(tmp_path / "test" / "probabilities.npz")
-    inverted = read_drive(root, "test")
+    inverted = read_split("drive", root, "test")
     p = np.concatenate([probs[s.id][s.fov] for s in inverted])
     y = np.concatenate([s.label[s.fov] for s in inverted]).astype(bool)
     assert test["f1"] == pytest.approx(pooled_f1(p, y, test["threshold"]), abs=1e-6)

@@ -10,17 +10,16 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from helpers import compose_config
+from helpers import compose_config, read_split
 from retinaseg.checkpoint import load_checkpoint
-from retinaseg.data.datamodule import equalize_contrast, normalize
-from retinaseg.data.drive import read_drive
+from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_photograph
 from retinaseg.errors import DataError
-from retinaseg.predict import estimate_fov, predict, read_photograph
+from retinaseg.predict import predict
 
 
 @pytest.fixture(scope="module")
 def test_samples(drive_root):
-    return read_drive(drive_root, "test")[:4]
+    return read_split("drive", drive_root, "test")[:4]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def test_a_photograph_is_read_upright_as_its_exif_orientation_says(tmp_path):
         Image.fromarray(image).save(path, exif=exif, quality=100)
         with Image.open(path) as file:
             expected = np.array(ImageOps.exif_transpose(file).convert("RGB")).astype(int)
-        got = read_photograph(path)
+        got = read_photograph(path.read_bytes(), str(path))
         assert got.shape == expected.shape and np.abs(got - expected).max() <= 16, orientation
 
 
@@ -150,10 +149,11 @@ def test_predict_equalises_photographs_like_the_checkpoint_was_trained(drive_che
         )
     clahe_checkpoint = load_checkpoint(tmp_path / "clahe.ckpt")
     module = clahe_checkpoint.build_module()
-    mean, std, clahe = clahe_checkpoint.normalisation()
-    assert clahe
+    preprocessing = clahe_checkpoint.preprocessing()
+    assert preprocessing.clahe
     with torch.no_grad():
-        expected = module.predict_probabilities(normalize(equalize_contrast(image), mean, std)[None])[0, 0].numpy()
+        x = normalize(equalize_contrast(image), preprocessing.mean, preprocessing.std)[None]
+        expected = module.predict_probabilities(x)[0, 0].numpy()
     fov = estimate_fov(image)
     got = read(tmp_path / "clahe" / "photo_prob.png").astype(float) / 255
     assert np.abs(got - expected * fov).max() <= 0.5 / 255 + 1e-6

@@ -323,8 +323,8 @@ def test_a_continued_run_keeps_the_settings_that_give_it_its_meaning(tmp_path, c
         ConfigError, match=r"saved with data.batch_size=16 \(this run: 8\), data.seed=42 \(this run: 1\)\."
     ):
         start("data.batch_size=8", "seed=1")
-    with pytest.raises(ConfigError, match=r"data.source=synthetic \(this run: drive\).*resume_allow_changes=true"):
-        start("data.source=drive")
+    with pytest.raises(ConfigError, match=r"data.dataset=synthetic \(this run: drive\).*resume_allow_changes=true"):
+        start("data.dataset=drive")
     with caplog.at_level(logging.WARNING):
         assert start("data.batch_size=8", "resume_allow_changes=true").ckpt_path == str(run.last)
     assert "data.batch_size=16 (this run: 8)" in caplog.text
@@ -377,7 +377,7 @@ class RecordMemory(L.Callback):
 @slow
 def test_memory_stays_flat_over_epochs_with_several_workers():
     datamodule = FundusDataModule(
-        source="synthetic",
+        dataset="synthetic",
         synthetic_images=4,
         synthetic_size=(96, 96),
         val_images=1,

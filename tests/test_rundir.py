@@ -16,7 +16,7 @@ from PIL import Image
 from helpers import CONF, TINY_SYNTHETIC, compose_config, error_lines, run_entry_point, write_checkpoint
 from retinaseg import config
 from retinaseg.callbacks import CheckpointOnSigterm, RunCheckpoint
-from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError
 from retinaseg.predict import predict
 from retinaseg.runs.metrics_csv import MetricsCSVLogger

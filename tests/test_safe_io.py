@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from helpers import TINY_SYNTHETIC, compose_config, fill_disk, write_checkpoint
-from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError, DiskFullError
 from retinaseg.eval import evaluate
 from retinaseg.predict import predict

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import TINY_SYNTHETIC, compose_config, error_lines, run_entry_point, write_checkpoint
 from retinaseg.benchmark import benchmark
-from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import exit_on_user_error
 from retinaseg.eval import evaluate
 from retinaseg.export import export
@@ -80,7 +80,7 @@ TABLE = [
     ("eval", "threshold=abc", r"threshold must be a number in [0, 1] or val; got 'abc'"),
     ("eval", "threshold=2", r"threshold must be a number in [0, 1] or val; got 2"),
     ("eval", "tta=no", "tta must be true or false; got 'no'"),
-    ("eval", "split=train", "split must be one of test, val; got 'train'"),
+    ("eval", "split=train", "split must be one of test, val, all; got 'train'"),
     ("eval", "inference.mode=foo", "inference.mode must be one of whole, sliding; got 'foo'"),
     ("eval", "inference.window=0", "inference.window must be an integer >= 1; got 0"),
     ("eval", "inference.backend=onnx", "inference.backend must be one of torch, openvino, auto; got 'onnx'"),

@@ -1,14 +1,18 @@
 """Hydra multiruns: a directory per job inside one sweep directory, failing jobs reported, the best job named;
-an Optuna study of two trials; the SLURM launcher's config."""
+cross-validation folds pooled; an Optuna study of two trials; the SLURM launcher's config."""
 
+import json
 import re
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
 from helpers import CONF, TINY_SYNTHETIC, run_module, wandb_runs
+from retinaseg.data.sources.synthetic import SyntheticCatalogue
+from retinaseg.metrics import REPORTED, ImageCounts
 
 # Microseconds in the name keep sweeps started in the same second apart.
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}")
@@ -114,3 +118,33 @@ def test_slurm_launcher_config_composes():
     # One SLURM task per GPU, on as many nodes as Lightning is told.
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.sync_batchnorm
+
+
+@pytest.mark.slow
+def test_cross_validation_sweep_pools_every_folds_test_images(tmp_path):
+    sweep = tmp_path / "sweep"
+    # 6 synthetic images (3 "train", 3 "test") pooled and cut into 2 folds of 3; 1 of each fold's 3 training
+    # images validates.
+    args = ["data.folds=2", "data.fold=0,1", "data.synthetic_images=3", f"hydra.sweep.dir={sweep}"]
+    # Enough steps for predictions that are neither all background nor all vessel (as tests/test_ddp.py).
+    steps = ["model.lr=0.01", "data.patches_per_epoch=128", "data.batch_size=8", "trainer.max_epochs=2"]
+    result = run_module(["-m", *TINY_SYNTHETIC, *steps, *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = yaml.safe_load((sweep / "sweep_summary.yaml").read_text())
+    (cv,) = summary["cross_validation"]
+    assert cv["folds"] == 2 and cv["folds_done"] == [0, 1] and "data.fold=0" not in cv["overrides"]
+
+    counts = [ImageCounts.load(sweep / str(job) / "test_counts.npz") for job in (0, 1)]
+    folds = [json.loads((sweep / str(job) / "metrics.json").read_text()) for job in (0, 1)]
+    # Each fold's counts are its own test metrics' ...
+    for c, metrics in zip(counts, folds, strict=True):
+        assert 0 < metrics["f1"] < 1 and {k: c.total()[k] for k in REPORTED} == pytest.approx(
+            {k: metrics[k] for k in REPORTED}, abs=1e-4
+        )
+    # ... and together the 6 images, each scored once, by the fold that did not train on it.
+    images = SyntheticCatalogue(3, (96, 96), seed=42)
+    assert sorted(counts[0].ids + counts[1].ids) == sorted(images.ids("all"))
+    assert cv["pooled"] == pytest.approx(ImageCounts.concatenate(*counts).total())
+    assert cv["mean"]["f1"] == pytest.approx(np.mean([m["f1"] for m in folds]))
+    assert cv["sd"]["f1"] == pytest.approx(np.std([m["f1"] for m in folds], ddof=1))
+    assert "cross-validation, folds [0, 1] of 2: pooled over their test pixels" in result.stdout + result.stderr

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.data.sources.synthetic import synthetic_samples
 
 
 @pytest.fixture(scope="module")

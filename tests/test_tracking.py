@@ -199,7 +199,7 @@ def test_training_run_is_named_grouped_and_summarised(trained):
     assert (run.run.run_group, run.run.job_type, run.run.project) == ("drive_cpu", "train", "retinaseg")
     assert "drive_cpu" in run.run.tags
     # The composed config, and the overrides flat.
-    assert run.config["model"]["base_channels"] == 4 and run.config["data"]["source"] == "synthetic"
+    assert run.config["model"]["base_channels"] == 4 and run.config["data"]["dataset"] == "synthetic"
     assert (run.config["lr"], run.config["max_epochs"], run.config["choices/data"]) == (0.01, 2, "synthetic")
     parameters = sum(p.numel() for p in VesselSegmentationModule(base_channels=4, depth=2).parameters())
     assert run.config["parameters"] == parameters
@@ -243,7 +243,7 @@ def test_training_run_holds_metrics_and_images(trained):
     images = [row for row in run.history if "val/predictions/filenames" in row]
     assert len(images) == 2
     datamodule = FundusDataModule(
-        source="synthetic", synthetic_images=4, synthetic_size=(96, 96), val_images=1, seed=42
+        dataset="synthetic", synthetic_images=4, synthetic_size=(96, 96), val_images=1, seed=42
     )
     datamodule.setup("fit")
     for row in images:

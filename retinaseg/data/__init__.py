@@ -1,1 +1,1 @@
-"""Fundus image sources (DRIVE on disk, procedurally drawn images) and the Lightning data module."""
+"""Fundus datasets (sources/), preprocessing, splits and the Lightning data module."""

@@ -1,6 +1,5 @@
 """LightningDataModule: random FOV-centred training patches, whole images for validation and test."""
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -13,17 +12,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from retinaseg.data.drive import read_drive
+from retinaseg.data import sources, splits
+from retinaseg.data.preprocess import Preprocessing
 from retinaseg.data.sample import Sample
-from retinaseg.data.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number
 
 # A run resumed mid-epoch continues the patch stream exactly (FundusDataModule.state_dict), which
 # Lightning cannot tell: it only knows data loaders that have their own state_dict.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
-
-SOURCES = ("drive", "synthetic")
 CROPS = ("fov", "centre")
 
 
@@ -35,29 +32,6 @@ def check_channels(name: str, values, positive: bool = False) -> list[float]:
         check_number(f"{name}[{i}]", v, 0 if positive else None, include_minimum=not positive)
         for i, v in enumerate(values)
     ]
-
-
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32, scaled to [0, 1] then standardised per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
-
-
-# OpenCV CLAHE settings of `equalize_contrast` (also written into an exported model's JSON).
-CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, (8, 8)
-
-
-def equalize_contrast(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB with CLAHE applied to its lightness (CIE L*), colours kept.
-
-    Contrast-limited histogram equalisation evens out the uneven illumination of fundus photographs and
-    sharpens thin vessels against the background (as the gray-level CLAHE of orobix's retina-unet).
-    It works on whole images: equalising a patch alone would give it another contrast.
-    """
-    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
-    clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES)
-    lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
-    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
 def augmentations(patch_size: int) -> A.Compose:
@@ -76,7 +50,8 @@ def augmentations(patch_size: int) -> A.Compose:
 
 
 class PatchDataset(Dataset):
-    """Patches of `patch_size` whose centres lie inside the FOV, cut on the fly from images held once.
+    """Patches of `patch_size` whose centres lie inside the FOV, cut on the fly from images held once, at the
+    working resolution (`preprocessing`: data.scale and CLAHE applied to the whole images first).
 
     Item `k` is drawn from a generator seeded with (seed, k), so a patch depends only on its index:
     the same in any worker, after a resume, and different in each epoch (the sampler gives each epoch
@@ -88,8 +63,7 @@ class PatchDataset(Dataset):
         self,
         samples: list[Sample],
         patch_size: int,
-        mean,
-        std,
+        preprocessing: Preprocessing,
         augment: bool = True,
         seed: int = 0,
         length: int = 1,
@@ -100,19 +74,24 @@ class PatchDataset(Dataset):
         # Augmenting a larger crop and cutting the centre keeps rotation corners free of padding.
         self.context = math.ceil(patch_size * 1.5) if augment else patch_size
         self.transform = augmentations(patch_size) if augment else None
-        self.mean, self.std, self.seed, self.length = mean, std, seed, length
-        for s in samples if crop == "fov" else []:
-            if min(s.fov.shape) < patch_size:
+        self.preprocessing, self.seed, self.length = preprocessing, seed, length
+        # Images, labels and FOV masks at the working resolution (data.scale), contrast-equalised once, whole.
+        images = [preprocessing.image(s.image) for s in samples]
+        labels = [preprocessing.mask(s.label) for s in samples]
+        fovs = [preprocessing.mask(s.fov) for s in samples]
+        for s, fov in zip(samples, fovs) if crop == "fov" else []:
+            if min(fov.shape) < patch_size:
                 raise ConfigError(
-                    f"data.patch_size={patch_size} is larger than image {s.id} ({s.fov.shape[1]}x{s.fov.shape[0]})."
+                    f"data.patch_size={patch_size} is larger than image {s.id} ({fov.shape[1]}x{fov.shape[0]}"
+                    f"{f' at data.scale={preprocessing.scale}' if preprocessing.scale != 1 else ''})."
                 )
         # Zero padding lets a patch centred near the border be cut without special cases.
         pad = self.pad = self.context // 2 + 1
-        self.images = [np.pad(s.image, ((pad, pad), (pad, pad), (0, 0))) for s in samples]
-        self.labels = [np.pad(s.label, pad) for s in samples]
-        self.fovs = [np.pad(s.fov.astype(np.uint8), pad) for s in samples]
-        self.centres = [np.flatnonzero(s.fov).astype(np.int64) for s in samples]
-        self.widths = [s.fov.shape[1] for s in samples]
+        self.images = [np.pad(image, ((pad, pad), (pad, pad), (0, 0))) for image in images]
+        self.labels = [np.pad(label, pad) for label in labels]
+        self.fovs = [np.pad(fov.astype(np.uint8), pad) for fov in fovs]
+        self.centres = [np.flatnonzero(fov).astype(np.int64) for fov in fovs]
+        self.widths = [fov.shape[1] for fov in fovs]
 
     def __len__(self) -> int:
         return self.length
@@ -134,7 +113,7 @@ class PatchDataset(Dataset):
             out = self.transform(image=image, masks=[label, fov])
             image, (label, fov) = out["image"], out["masks"]
         return {
-            "image": normalize(image, self.mean, self.std),
+            "image": self.preprocessing.normalize(image),
             "label": torch.from_numpy(np.ascontiguousarray(label)).float()[None],
             "fov": torch.from_numpy(np.ascontiguousarray(fov)).bool()[None],
         }
@@ -198,8 +177,11 @@ class ImageShardSampler(Sampler[int]):
 
 
 class WholeImageDataset(Dataset):
-    def __init__(self, samples: list[Sample], mean, std):
-        self.samples, self.mean, self.std = samples, mean, std
+    """Whole photographs prepared for the model (data.scale, CLAHE, normalisation), with their label and FOV mask
+    at the original resolution: the module scores probabilities resized back to it."""
+
+    def __init__(self, samples: list[Sample], preprocessing: Preprocessing):
+        self.samples, self.preprocessing = samples, preprocessing
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -207,7 +189,7 @@ class WholeImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
         return {
-            "image": normalize(s.image, self.mean, self.std),
+            "image": self.preprocessing.tensor(s.image),
             "label": torch.from_numpy(s.label).float()[None],
             "fov": torch.from_numpy(s.fov)[None],
             "id": s.id,
@@ -215,16 +197,22 @@ class WholeImageDataset(Dataset):
 
 
 class FundusDataModule(L.LightningDataModule):
-    """DRIVE (`source="drive"`, read from `root`) or procedurally drawn images (`source="synthetic"`).
+    """A fundus dataset (`dataset`: drive, stare, chase_db1, hrf, folder, synthetic; read from `root`), split into
+    train, validation and test images.
 
-    The 20 training images are split by image into train and validation (`val_images` of them, chosen
-    by `split_seed`); the official test images are the test split.
+    Without `folds`: the dataset's official split, with `val_images` of its training images held out (by image,
+    chosen by `split_seed`) for validation. With `folds=K`: every labelled image pooled, fold `fold` of K tested,
+    validation held out of the others (retinaseg.data.splits). `train_samples`, `val_samples` and `test_samples`
+    are as read (original resolution); the loaders apply the preprocessing (`scale`, `clahe`, `mean`, `std`).
     """
 
     def __init__(
         self,
-        source: str = "drive",
+        dataset: str = "drive",
         root: str | None = None,
+        scale: float = 1.0,
+        folds: int | None = None,
+        fold: int = 0,
         val_images: int = 4,
         split_seed: int = 0,
         patch_size: int = 64,
@@ -243,9 +231,13 @@ class FundusDataModule(L.LightningDataModule):
     ):
         super().__init__()
         # Checked here, where the settings are read, so a bad one is named before any image is read.
-        check_choice("data.source", source, SOURCES)
+        check_choice("data.dataset", dataset, sources.DATASETS)
         if root is not None and not isinstance(root, str):
             raise ConfigError(f"data.root must be a path; got {root!r}")
+        check_number("data.scale", scale, 0, include_minimum=False)
+        if folds is not None:
+            check_int("data.folds", folds, 2)
+            check_int("data.fold", fold, 0, folds - 1)
         for name, value, minimum in (
             ("val_images", val_images, 1),
             ("split_seed", split_seed, None),
@@ -268,41 +260,42 @@ class FundusDataModule(L.LightningDataModule):
         for i, size in enumerate(synthetic_size):
             check_int(f"data.synthetic_size[{i}]", size, 1)
         self.save_hyperparameters()
+        self.preprocessing = Preprocessing(mean, std, clahe, scale)
+        self._catalogue = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
         # (epoch, batches of it done) where training resumes; see state_dict.
         self.resume_at = (0, 0)
 
-    def load_split(self, split: str) -> list[Sample]:
-        """The split's samples, contrast-equalised when `clahe` is set."""
+    @property
+    def catalogue(self):
+        """The dataset's labelled images, listed once (nothing is read until samples are asked for)."""
+        if self._catalogue is None:
+            hp = self.hparams
+            if hp.dataset == "synthetic":
+                self._catalogue = sources.SyntheticCatalogue(hp.synthetic_images, hp.synthetic_size, hp.seed)
+            else:
+                self._catalogue = sources.open_dataset(hp.dataset, hp.root)
+        return self._catalogue
+
+    def ids(self, part: str) -> list[str]:
+        """The image ids of `part`: "train", "val", "test" or "all" (every labelled image)."""
         hp = self.hparams
-        if hp.source == "synthetic":
-            # Distinct seeds keep the synthetic test images apart from the training ones.
-            seed = hp.seed if split == "training" else hp.seed + 1_000_003
-            samples = synthetic_samples(
-                hp.synthetic_images, seed=seed, height=hp.synthetic_size[0], width=hp.synthetic_size[1]
-            )
-        else:
-            samples = read_drive(hp.root, split)
-        if hp.clahe:
-            samples = [dataclasses.replace(s, image=equalize_contrast(s.image)) for s in samples]
-        return samples
+        return splits.split_ids(self.catalogue, part, hp.folds, hp.fold, hp.val_images, hp.split_seed)
+
+    def samples(self, part: str) -> list[Sample]:
+        """The Samples of `part` (see `ids`), as read: original resolution, no preprocessing."""
+        return list(self.catalogue.read(self.ids(part)))
 
     def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
         if stage in (None, "fit", "validate") and not self.train_samples:
-            samples = self.load_split("training")
-            if hp.val_images >= len(samples):
-                raise ConfigError(
-                    f"data.val_images={hp.val_images} leaves no training image: there are {len(samples)} training images."
-                )
-            order = np.random.default_rng(hp.split_seed).permutation(len(samples))
-            val = set(order[: hp.val_images].tolist())
-            self.train_samples = [s for i, s in enumerate(samples) if i not in val]
-            self.val_samples = [s for i, s in enumerate(samples) if i in val]
+            train, val = self.ids("train"), self.ids("val")
+            samples = {s.id: s for s in self.catalogue.read(train + val)}  # one pass over the files
+            self.train_samples = [samples[i] for i in train]
+            self.val_samples = [samples[i] for i in val]
         if stage in (None, "test") and not self.test_samples:
-            self.test_samples = self.load_split("test")
+            self.test_samples = self.samples("test")
 
     def state_dict(self) -> dict:
         """Where training stands in the patch stream, saved in each checkpoint: a resumed run draws the
@@ -322,7 +315,7 @@ class FundusDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         dataset = PatchDataset(
-            self.train_samples, hp.patch_size, hp.mean, hp.std, hp.augment, hp.seed, hp.patches_per_epoch, hp.crop
+            self.train_samples, hp.patch_size, self.preprocessing, hp.augment, hp.seed, hp.patches_per_epoch, hp.crop
         )
         epoch, batches_done = self.resume_at
         return DataLoader(
@@ -337,7 +330,7 @@ class FundusDataModule(L.LightningDataModule):
     def _whole_images(self, samples: list[Sample]) -> DataLoader:
         hp = self.hparams
         return DataLoader(
-            WholeImageDataset(samples, hp.mean, hp.std),
+            WholeImageDataset(samples, self.preprocessing),
             batch_size=hp.eval_batch_size,
             sampler=ImageShardSampler(len(samples)),
             num_workers=hp.num_workers,

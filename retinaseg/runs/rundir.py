@@ -56,6 +56,11 @@ class RunDir:
         return self.path / "metrics.json"
 
     @property
+    def test_counts(self) -> Path:
+        """The test images' counts a cross-validation sweep pools (retinaseg.callbacks.CountTestImages)."""
+        return self.path / "test_counts.npz"
+
+    @property
     def plots(self) -> Path:
         return self.path / "plots"
 

@@ -1,9 +1,13 @@
-"""Procedurally drawn fundus-like photographs with exact vessel and FOV masks.
+"""Procedurally drawn fundus-like photographs with exact vessel and FOV masks (`data=synthetic`).
 
 A stand-in for DRIVE when the real data is absent (tests, smoke runs, demos): each image has a
 circular field of view, an optic-disc-like bright spot, a darker fovea, uneven reddish
 illumination and a branching vessel tree whose binary label is exactly what was drawn.
+Split: `n` training images (synthetic_000, ...) and `n` test images (synthetic_test_000, ...), drawn
+from different seeds.
 """
+
+from collections.abc import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -64,7 +68,7 @@ def _gauss(xs: np.ndarray, ys: np.ndarray, centre: complex, sd: float) -> np.nda
     return gy[:, None] * np.exp(-((xs - centre.real) ** 2) / (2 * sd**2))
 
 
-def _one(index: int, seed: int, height: int, width: int) -> Sample:
+def _one(index: int, seed: int, height: int, width: int, prefix: str = "synthetic") -> Sample:
     rng = np.random.default_rng([seed, index])  # image i does not depend on how many are made
     centre = complex((width - 1) / 2, (height - 1) / 2)
     fov_r = 0.48 * min(height, width)  # DRIVE-like: the disc nearly fills the frame
@@ -99,9 +103,32 @@ def _one(index: int, seed: int, height: int, width: int) -> Sample:
     ]
     img = cv2.merge(planes)  # per-plane clipping then merging is much faster than on (H, W, 3)
     img = cv2.bitwise_and(img, img, mask=fov.view(np.uint8))  # black outside the FOV
-    return Sample(id=f"synthetic_{index:03d}", image=img, label=label, fov=fov)
+    return Sample(id=f"{prefix}_{index:03d}", image=img, label=label, fov=fov)
 
 
 def synthetic_samples(n: int, seed: int = 0, height: int = 584, width: int = 565) -> list[Sample]:
     """n deterministic synthetic fundus samples (same arguments give bit-identical arrays)."""
     return [_one(i, seed, height, width) for i in range(n)]
+
+
+# Distinct seeds keep the test images apart from the training ones.
+TEST_SEED_OFFSET = 1_000_003
+
+
+class SyntheticCatalogue:
+    """The synthetic dataset, read like the others (see retinaseg.data.sources.files.Catalogue)."""
+
+    name = "synthetic"
+
+    def __init__(self, n: int = 20, size: Sequence[int] = (584, 565), seed: int = 0):
+        self.n, self.size, self.seed = n, tuple(size), seed
+
+    def ids(self, split: str = "all") -> list[str]:
+        train = [f"synthetic_{i:03d}" for i in range(self.n)] if split in ("train", "all") else []
+        return train + ([f"synthetic_test_{i:03d}" for i in range(self.n)] if split in ("test", "all") else [])
+
+    def read(self, ids: Iterable[str]) -> Iterator[Sample]:
+        for sample_id in ids:
+            prefix, index = sample_id.rsplit("_", 1)
+            seed = self.seed + (TEST_SEED_OFFSET if prefix == "synthetic_test" else 0)
+            yield _one(int(index), seed, *self.size, prefix=prefix)

@@ -1,0 +1,215 @@
+"""What every dataset reader shares: reading files from a folder or an archive as distributed (zip, tar, and
+gzip-compressed members) without extracting anything to disk, and turning a photograph's files into a Sample.
+
+A reader (drive.py, stare.py, ...) only knows its dataset's names and split: it lists the files (`Files`), pairs
+each photograph with its label, FOV mask and second observer (`Entry`), and returns a `Catalogue`, which reads
+the Samples of the images asked for.
+"""
+
+import gzip
+import logging
+import os
+import re
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from retinaseg.data.preprocess import estimate_fov, read_mask, read_photograph
+from retinaseg.data.sample import Sample
+from retinaseg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".gif", ".bmp")
+SPLITS = ("train", "test", "all")
+
+
+class Files:
+    """The files under a folder, or inside a zip or tar archive, read in memory.
+
+    `names`: every file's path relative to the root, '/'-separated and sorted (hidden files and macOS
+    resource forks left out). `read(name)`: its bytes; a gzip-compressed file (`*.gz`, as the members of
+    STARE's tars) comes back decompressed. `where(name)`: the path to show the user.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._zip = self._tar = None
+        if path.is_dir():
+            # os.walk follows symlinked folders (a dataset assembled from links), which Path.rglob does not.
+            names = [
+                (Path(folder) / file).relative_to(path).as_posix()
+                for folder, _, files in os.walk(path, followlinks=True)
+                for file in files
+            ]
+        elif zipfile.is_zipfile(path):
+            self._zip = zipfile.ZipFile(path)
+            names = [n for n in self._zip.namelist() if not n.endswith("/")]
+        elif path.is_file() and tarfile.is_tarfile(path):
+            try:
+                self._tar = tarfile.open(path)
+                # Members of a tar made with `tar cf x.tar .` are named ./name.
+                self._members = {m.name.removeprefix("./"): m for m in self._tar.getmembers() if m.isfile()}
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+                raise DataError(f"{path} is a damaged tar archive ({error}); replace it with a good copy") from None
+            names = list(self._members)
+        else:
+            raise DataError(f"{path} is a file but not a zip or tar archive (or a damaged one)")
+        self.names = sorted(n for n in names if not any(part.startswith((".", "__MACOSX")) for part in n.split("/")))
+
+    def where(self, name: str) -> str:
+        return str(self.path / name) if self._zip is None and self._tar is None else f"{self.path}:{name}"
+
+    def read(self, name: str) -> bytes:
+        try:
+            if self._zip is not None:
+                data = self._zip.read(name)
+            elif self._tar is not None:
+                data = self._tar.extractfile(self._members[name]).read()
+            else:
+                data = (self.path / name).read_bytes()
+            return gzip.decompress(data) if name.endswith(".gz") else data
+        except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error, OSError) as error:
+            raise DataError(f"{self.where(name)} is damaged ({error}): replace the dataset with a good copy.") from None
+
+    def matching(self, pattern: re.Pattern) -> dict[str, str]:
+        """{first group of `pattern`: name} of the files whose path (relative to the root) `pattern` searches out."""
+        found = {}
+        for name in self.names:
+            match = pattern.search(name)
+            if match:
+                found.setdefault(match.group(1), name)
+        return found
+
+    def summary(self, limit: int = 8) -> str:
+        """What is there, for an error message: the first few top-level entries."""
+        top = list(dict.fromkeys(name.split("/")[0] + ("/" if "/" in name else "") for name in self.names))
+        shown = ", ".join(top[:limit]) + (f" and {len(top) - limit} more" if len(top) > limit else "")
+        return f"found {shown}" if top else "found nothing"
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One file of a dataset: its name inside `files`."""
+
+    files: Files
+    name: str
+
+    def read(self) -> bytes:
+        return self.files.read(self.name)
+
+    @property
+    def where(self) -> str:
+        return self.files.where(self.name)
+
+    @property
+    def basename(self) -> str:
+        return PurePosixPath(self.name).name
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One labelled photograph: its id, official split ("train" or "test") and files. fov None: estimated."""
+
+    id: str
+    split: str
+    image: Ref
+    label: Ref
+    fov: Ref | None = None
+    second: Ref | None = None
+
+
+class Catalogue:
+    """A dataset's labelled photographs, listed and paired but not yet read.
+
+    `missing`: what to tell the user when a split that has no images is asked for (e.g. DRIVE without test/).
+    """
+
+    def __init__(self, name: str, entries: list[Entry], missing: dict[str, str] | None = None):
+        ids = [e.id for e in entries]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise DataError(f"{name}: several photographs have the id {', '.join(repeated)}; rename them apart.")
+        self.name, self.entries, self.missing = name, {e.id: e for e in entries}, missing or {}
+
+    def ids(self, split: str = "all") -> list[str]:
+        """The ids of the official `split` ("train", "test") or of every labelled image ("all"), in order."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        ids = [i for i, e in self.entries.items() if split in ("all", e.split)]
+        if not ids:
+            raise DataError(self.missing.get(split) or f"{self.name} has no labelled {split} images.")
+        return ids
+
+    def read(self, ids: Iterable[str]) -> Iterator[Sample]:
+        """The Samples of `ids`, read one at a time, in that order."""
+        for i in ids:
+            yield read_sample(self.entries[i])
+
+
+def read_sample(entry: Entry) -> Sample:
+    """Read and check one photograph's files: sizes must match, labels be binary, a given FOV not be empty."""
+    image = read_photograph(entry.image.read(), entry.image.where)
+
+    def mask(ref: Ref) -> np.ndarray:
+        array = read_mask(ref.read(), ref.where)
+        if array.shape != image.shape[:2]:
+            raise DataError(
+                f"{ref.where} is {array.shape[1]}x{array.shape[0]} but its image {entry.image.basename} is "
+                f"{image.shape[1]}x{image.shape[0]} (width x height); they must match."
+            )
+        return array
+
+    label = mask(entry.label)
+    if entry.fov is not None:
+        fov = mask(entry.fov).astype(bool)
+        if not fov.any():
+            raise DataError(f"FOV mask {entry.fov.where} is empty (all zero).")
+    else:
+        fov = estimate_fov(image)
+    second = mask(entry.second) if entry.second is not None else None
+    return Sample(entry.id, image, label, fov, fov_given=entry.fov is not None, second_label=second)
+
+
+def open_root(root, name: str, how_to_get: str) -> Path:
+    """`root` as an existing path, or a DataError that says how to get the dataset."""
+    if root is None or str(root) == "":
+        raise DataError(f"data.root is not set for {name}. {how_to_get}")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"no {name} dataset at data.root={path} (resolved: {path.resolve()}). {how_to_get}")
+    return path
+
+
+def open_files(path: Path, name: str, how_to_get: str) -> Files:
+    """`Files` of a folder or archive, with the dataset's advice when it is neither."""
+    try:
+        return Files(path)
+    except DataError as error:
+        raise DataError(f"data.root={error}. {how_to_get}") from None
+
+
+def open_part(root: Path, part: str) -> Files | None:
+    """A part of a dataset distributed as several folders or archives: `<root>/<part>/`, or the archive
+    `<root>/<part>.tar` (.tar.gz, .tgz, .zip) as downloaded; None when neither is there."""
+    if (root / part).is_dir():
+        return Files(root / part)
+    for suffix in ARCHIVE_SUFFIXES:
+        if (root / f"{part}{suffix}").is_file():
+            return Files(root / f"{part}{suffix}")
+    return None
+
+
+def without_image(what: str, refs: Iterable[Ref]) -> DataError:
+    names = ", ".join(ref.where for ref in refs)
+    return DataError(f"{what} without an image: {names}. Add the images or remove these files.")
+
+
+def without_file(image: Ref, what: str, expected: str) -> DataError:
+    return DataError(f"image {image.where} has no {what} file (expected {expected}). Add it or remove the image.")

@@ -1,0 +1,65 @@
+"""HRF, the High-Resolution Fundus database (Budai et al., IJBI 2013), as distributed in all.zip (or unpacked):
+
+    images/NN_{dr,g,h}.JPG|.jpg     45 photographs of 3504x2336 (15 diabetic retinopathy, glaucoma, healthy;
+                                    the case of the extension varies)
+    manual1/NN_{dr,g,h}.tif         the vessel labels
+    mask/NN_{dr,g,h}_mask.tif       the FOV masks (RGB TIFFs; read through luminance)
+
+The folders may sit at the zip's top or inside a folder. No second observer.
+
+Official split: images 01-05 of each kind train (15), 06-15 test (30), as Little W-Net (get_public_data.py),
+mmsegmentation (tools/dataset_converters/hrf.py) and bob.ip.binseg (hrf/default.json, split of Orlando et al.
+2017). The default data.scale of conf/data/hrf.yaml (0.25) brings the photographs to 876x584.
+"""
+
+import re
+
+from retinaseg.data.sources.files import (
+    Catalogue,
+    Entry,
+    Ref,
+    open_files,
+    open_root,
+    without_file,
+    without_image,
+)
+from retinaseg.errors import DataError
+
+NAME = "HRF"
+ROOT_ENV = "HRF_ROOT"
+HOW_TO_GET = (
+    "HRF is distributed by FAU Erlangen (all.zip, 'download the whole dataset'): pass data.root=<all.zip or the "
+    "folder it unpacks to> or set HRF_ROOT."
+)
+TRAIN_NUMBERS = 5
+IMAGE = re.compile(r"(?:^|/)images/(\d{2}_(?:dr|g|h))\.jpe?g$", re.IGNORECASE)
+LABEL = re.compile(r"(?:^|/)manual1/(\d{2}_(?:dr|g|h))\.tiff?$", re.IGNORECASE)
+MASK = re.compile(r"(?:^|/)mask/(\d{2}_(?:dr|g|h))_mask\.tiff?$", re.IGNORECASE)
+
+
+def catalogue(root) -> Catalogue:
+    path = open_root(root, NAME, HOW_TO_GET)
+    files = open_files(path, NAME, HOW_TO_GET)
+    images, labels, masks = (
+        {key: Ref(files, name) for key, name in files.matching(pattern).items()} for pattern in (IMAGE, LABEL, MASK)
+    )
+    if not images:
+        raise DataError(
+            f"data.root={path} does not have the HRF layout: expected images/NN_dr.JPG (NN_g.jpg, NN_h.jpg), "
+            f"manual1/NN_dr.tif and mask/NN_dr_mask.tif; {files.summary()}. {HOW_TO_GET}"
+        )
+    for what, found in (("manual1", labels), ("mask", masks)):
+        unpaired = sorted(set(found) - set(images))
+        if unpaired:
+            raise without_image(f"{what} files", (found[key] for key in unpaired))
+    entries = []
+    for key, image in sorted(images.items()):
+        for what, found, expected in (
+            ("manual1", labels, f"manual1/{key}.tif"),
+            ("mask", masks, f"mask/{key}_mask.tif"),
+        ):
+            if key not in found:
+                raise without_file(image, what, expected)
+        split = "train" if int(key[:2]) <= TRAIN_NUMBERS else "test"
+        entries.append(Entry(key, split, image, labels[key], fov=masks[key]))
+    return Catalogue(NAME, entries)
