@@ -10,7 +10,7 @@ import pytest
 
 from helpers import compose_config, run_entry_point
 from retinaseg.compare import compare
-from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError, DataError
 from retinaseg.eval import write_outputs
 from retinaseg.metrics import HEADLINE, score

@@ -70,7 +70,7 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
     with open(directory / "per_image_second_observer.csv", newline="") as file:
         observer_rows = list(csv.DictReader(file))
     assert [row["id"] for row in observer_rows] == [s.id for s in samples]
-    prediction, label = (s.extra["2nd_manual"] > 0) & s.fov, (s.label > 0) & s.fov
+    prediction, label = (s.second_label > 0) & s.fov, (s.label > 0) & s.fov
     topology_precision = (skeletonize(prediction) & label).sum() / skeletonize(prediction).sum()
     topology_sensitivity = (skeletonize(label) & prediction).sum() / skeletonize(label).sum()
     assert float(observer_rows[0]["cldice"]) == pytest.approx(

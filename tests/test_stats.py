@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from retinaseg import stats
-from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.metrics import ImageCounts, count_images
 
 

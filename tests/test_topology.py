@@ -7,7 +7,7 @@ import torch
 from skimage.morphology import skeletonize
 from sklearn.metrics import roc_auc_score
 
-from retinaseg.data.synthetic import synthetic_samples
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.metrics import (
     HEADLINE,
     REPORTED,
