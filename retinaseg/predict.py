@@ -17,7 +17,14 @@ from rich.progress import track
 
 from retinaseg import config
 from retinaseg.checkpoint import load_checkpoint, resolve_device
-from retinaseg.data.preprocess import estimate_fov, read_mask, read_photograph, resize_probabilities
+from retinaseg.data.preprocess import (
+    FORMATS,
+    IMAGE_SUFFIXES,
+    estimate_fov,
+    read_mask,
+    read_photograph,
+    resize_probabilities,
+)
 from retinaseg.errors import ConfigError, DataError, check_bool, check_number, exit_on_user_error
 from retinaseg.inference import on_backend
 from retinaseg.runs.rundir import RunDir
@@ -26,7 +33,6 @@ from retinaseg.runs.safe_io import write_png
 config.setup()
 log = logging.getLogger(__name__)
 
-PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm")
 # What predict writes for each photograph <stem>.<ext>.
 OUTPUTS = ("{}_prob.png", "{}_mask.png", "{}_overlay.png")
 # Names a FOV mask of `<stem>.<ext>` may have in a fov=<folder>, in order of preference.
@@ -35,7 +41,7 @@ VESSEL_COLOUR, FOV_COLOUR = np.array([0, 255, 0]), (0, 160, 255)
 
 
 def photographs(input_path: str | None) -> list[Path]:
-    """The photographs to segment: `input_path` itself, or the PNG/JPEG/TIFF/PPM files of that folder."""
+    """The photographs to segment: `input_path` itself, or the image files of that folder (IMAGE_SUFFIXES)."""
     if not input_path:
         raise DataError("input is not set: pass input=<photograph or folder of photographs>.")
     path = Path(input_path).expanduser()
@@ -47,20 +53,18 @@ def photographs(input_path: str | None) -> list[Path]:
             "maps, not photographs. Pass the folder of the photographs."
         )
     if path.is_file():
-        if path.suffix.lower() not in PHOTO_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise DataError(
-                f"input={path} is not a PNG, JPEG, TIFF or PPM file (by its name); pass a photograph or a folder of them."
+                f"input={path} is not a {FORMATS} file (by its name); pass a photograph or a folder of them."
             )
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file())
-    photos = [p for p in files if p.suffix.lower() in PHOTO_SUFFIXES]
-    others = [p.name for p in files if p.suffix.lower() not in PHOTO_SUFFIXES]
+    photos = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if others:
-        log.warning(
-            "skipping %d file(s) in %s that are not PNG, JPEG, TIFF or PPM: %s", len(others), path, ", ".join(others)
-        )
+        log.warning("skipping %d file(s) in %s that are not %s: %s", len(others), path, FORMATS, ", ".join(others))
     if not photos:
-        raise DataError(f"input={path} holds no PNG, JPEG, TIFF or PPM files.")
+        raise DataError(f"input={path} holds no {FORMATS} files.")
     stems = [p.stem for p in photos]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:

@@ -26,6 +26,7 @@ from wandb.proto import wandb_internal_pb2
 from retinaseg import config
 from retinaseg.data import sources
 from retinaseg.data.sample import Sample
+from retinaseg.data.sources.stare import LABELLED as STARE_LABELLED
 from retinaseg.data.sources.synthetic import synthetic_samples
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -206,13 +207,6 @@ def read_split(dataset: str, root, split: str) -> list[Sample]:
     """Every Sample of a dataset's official split ("train", "test") or of "all" its labelled images."""
     catalogue = sources.open_dataset(dataset, root)
     return list(catalogue.read(catalogue.ids(split)))
-
-
-# STARE's 20 labelled photographs (bob.ip.binseg stare/default.json): the first 10 train, the last 10 test.
-STARE_LABELLED = [
-    *("im0001", "im0002", "im0003", "im0004", "im0005", "im0044", "im0077", "im0081", "im0082", "im0139"),
-    *("im0162", "im0163", "im0235", "im0236", "im0239", "im0240", "im0255", "im0291", "im0319", "im0324"),
-]
 
 
 def encode(array: np.ndarray, suffix: str, **params) -> bytes:

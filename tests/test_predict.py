@@ -12,7 +12,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from helpers import compose_config, read_split
 from retinaseg.checkpoint import load_checkpoint
-from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_photograph
+from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_mask, read_photograph
 from retinaseg.errors import DataError
 from retinaseg.predict import predict
 
@@ -108,19 +108,23 @@ def test_predict_with_given_fov_masks(drive_checkpoint, photo_folder, test_sampl
         assert not prob[~given].any() and np.array_equal(mask > 0, given)
 
 
-def test_a_photograph_is_read_upright_as_its_exif_orientation_says(tmp_path):
-    """Cameras store a portrait sideways with an EXIF orientation tag; it is read as viewers show it."""
+def test_a_photograph_and_its_mask_are_read_upright_as_their_exif_orientation_says(tmp_path):
+    """Cameras store a portrait sideways with an EXIF orientation tag; photographs, labels and masks are read as
+    viewers show them (retinaseg.data.preprocess, for predict and every dataset alike)."""
     image = np.zeros((40, 64, 3), np.uint8)
     image[:8, :16] = (250, 40, 40)  # a red corner tells every turn and flip apart
     for orientation in range(1, 9):
-        path = tmp_path / f"photo{orientation}.jpg"
+        path, mask_path = tmp_path / f"photo{orientation}.jpg", tmp_path / f"mask{orientation}.png"
         exif = Image.Exif()
         exif[ExifTags.Base.Orientation] = orientation
         Image.fromarray(image).save(path, exif=exif, quality=100)
+        Image.fromarray((image[..., 0] > 0).astype(np.uint8) * 255).save(mask_path, exif=exif)
         with Image.open(path) as file:
             expected = np.array(ImageOps.exif_transpose(file).convert("RGB")).astype(int)
         got = read_photograph(path.read_bytes(), str(path))
         assert got.shape == expected.shape and np.abs(got - expected).max() <= 16, orientation
+        mask = read_mask(mask_path.read_bytes(), str(mask_path))
+        assert np.array_equal(mask, (got[..., 0] > 128).astype(np.uint8)), orientation
 
 
 def test_estimated_fov_matches_drive_masks(test_samples):
@@ -176,7 +180,7 @@ def test_predict_errors_are_clear(drive_checkpoint, photo_folder, tmp_path):
         ]
         return predict(compose_config("predict", overrides, tmp_path))
 
-    with pytest.raises(DataError, match="notes.txt is not a PNG, JPEG, TIFF or PPM"):
+    with pytest.raises(DataError, match="notes.txt is not a PNG, JPEG, TIFF, PPM, GIF or BMP"):
         run(input=folder / "notes.txt")
     broken = tmp_path / "broken.png"
     broken.write_text("not a png\n")

@@ -5,6 +5,7 @@ and the errors a wrong or damaged copy gets."""
 import gzip
 import logging
 import tarfile
+import zipfile
 
 import cv2
 import numpy as np
@@ -203,6 +204,41 @@ def test_unpaired_files_are_named(photos, tmp_path):
     write_archive(tmp_path / "c.zip", {f"{names[0]}.jpg": encode(photos[0].image, ".jpg")})
     with pytest.raises(DataError, match=r"image .*c.zip:Image_01L.jpg has no 1stHO label file"):
         sources.open_dataset("chase_db1", tmp_path / "c.zip")
+
+
+def test_stare_labels_20_of_its_photographs_10_train_10_test(photos, tmp_path):
+    labelled = ["im0001", "im0002", "im0003", "im0004", "im0005", "im0044", "im0077", "im0081", "im0082", "im0139"]
+    labelled += ["im0162", "im0163", "im0235", "im0236", "im0239", "im0240", "im0255", "im0291", "im0319", "im0324"]
+    root = make_stare(tmp_path / "STARE", [photos[k % 4] for k in range(20)], labelled, unlabelled=3)
+    catalogue = sources.open_dataset("stare", root)
+    assert catalogue.ids("train") == labelled[:10] and catalogue.ids("test") == labelled[10:]
+    # One of the 20 without its label is named, not left out.
+    with tarfile.open(root / "labels-ah.tar") as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers() if "im0044" not in m.name}
+    write_archive(root / "labels-ah.tar", members)
+    with pytest.raises(DataError, match=r"image .*stare-images.tar:im0044.ppm.gz has no labels-ah file"):
+        sources.open_dataset("stare", root)
+
+
+def test_hrf_unpaired_files_are_named(photos, tmp_path):
+    path = make_hrf(tmp_path / "all.zip", photos[:2], ["01_dr", "01_g"])
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    write_archive(path, {k: v for k, v in members.items() if k != "manual1/01_g.tif"})
+    with pytest.raises(DataError, match=r"image .*all.zip:images/01_g.jpg has no manual1 file"):
+        sources.open_dataset("hrf", path)
+    write_archive(path, {k: v for k, v in members.items() if k != "images/01_dr.JPG"})
+    with pytest.raises(DataError, match=r"manual1 files without an image: .*all.zip:manual1/01_dr.tif"):
+        sources.open_dataset("hrf", path)
+
+
+def test_a_second_observer_missing_for_some_images_is_named(photos, tmp_path):
+    path = make_chase(tmp_path / "CHASEDB1.zip", photos[:2], ["Image_01L", "Image_01R"])
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist() if name != "Image_01R_2ndHO.png"}
+    write_archive(path, members)
+    with pytest.raises(DataError, match=r"image\(s\) .*Image_01R.jpg have no second observer's label"):
+        sources.open_dataset("chase_db1", path)
 
 
 def test_a_damaged_archive_member_is_named(photos, tmp_path):

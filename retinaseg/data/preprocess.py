@@ -1,9 +1,10 @@
 """Everything done to a photograph between its file and the model, in one place: training, evaluation and
 prediction all call these functions.
 
-Reading (any PNG, JPEG, TIFF, PPM, GIF or BMP photograph: 8- or 16-bit, RGB, RGBA or grayscale; labels and masks
-read through luminance), estimating the field of view, and `Preprocessing`: resizing by `scale` (area), CLAHE and
-per-channel normalisation, plus the way back (probabilities resized to the photograph's own size).
+Reading (any PNG, JPEG, TIFF, PPM, GIF or BMP photograph: 8- or 16-bit, RGB, RGBA or grayscale, turned upright as
+its EXIF orientation tag says; labels and masks read through luminance), estimating the field of view, and
+`Preprocessing`: resizing by `scale` (area), CLAHE and per-channel normalisation, plus the way back
+(probabilities resized to the photograph's own size).
 """
 
 import io
@@ -15,12 +16,15 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from retinaseg.errors import DataError, check_number
 
 log = logging.getLogger(__name__)
 
+# The image files read (by name), and how messages name them.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".gif", ".bmp")
+FORMATS = "PNG, JPEG, TIFF, PPM, GIF or BMP"
 # The FOV is what is brighter than this fraction of the image's 99th-percentile brightness (tuned on DRIVE's
 # 40 masks: intersection over union 0.992 at worst).
 FOV_LEVEL = 0.2
@@ -45,7 +49,7 @@ def read_photograph(data: bytes, where: str) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if image is None:
         raise DataError(
-            f"cannot read image {where}: it is not a PNG, JPEG, TIFF, PPM, GIF or BMP image, or it is damaged. "
+            f"cannot read image {where}: it is not a {FORMATS} image, or it is damaged. "
             "Replace the file with a good copy."
         )
     name = where.rsplit("/", 1)[-1]
@@ -69,8 +73,8 @@ def read_photograph(data: bytes, where: str) -> np.ndarray:
 
 
 def upright(image: np.ndarray, data: bytes, name: str) -> np.ndarray:
-    """`image` turned as the EXIF orientation tag of its file says (cameras store portraits sideways with one),
-    as image viewers show it; cv2.IMREAD_UNCHANGED does not apply the tag."""
+    """`image` (a photograph, label or mask decoded from `data`) turned as the EXIF orientation tag of its file says
+    (cameras store portraits sideways with one), as image viewers show it: decoders do not apply the tag."""
     try:
         with Image.open(io.BytesIO(data)) as file:
             orientation = file.getexif().get(ExifTags.Base.Orientation, 1)
@@ -91,9 +95,10 @@ def read_mask(data: bytes, where: str) -> np.ndarray:
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            gray = np.asarray(ImageOps.exif_transpose(image).convert("L"))
+            gray = np.asarray(image.convert("L"))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read image {where}: {error}. Replace the file with a good copy.") from None
+    gray = upright(gray, data, where.rsplit("/", 1)[-1])
     values, counts = np.unique(gray, return_counts=True)
     if len(values) <= 2:
         return (gray >= 128 if values.max() > 1 else gray > 0).astype(np.uint8)

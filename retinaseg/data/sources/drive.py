@@ -10,8 +10,8 @@ images' 2nd_manual is the second observer. FOV masks are given.
 
 import re
 
+from retinaseg.data.preprocess import IMAGE_SUFFIXES
 from retinaseg.data.sources.files import (
-    IMAGE_SUFFIXES,
     Catalogue,
     Entry,
     Files,

@@ -26,7 +26,6 @@ from retinaseg.errors import DataError
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".gif", ".bmp")
 SPLITS = ("train", "test", "all")
 
 
@@ -136,6 +135,16 @@ class Catalogue:
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
             raise DataError(f"{name}: several photographs have the id {', '.join(repeated)}; rename them apart.")
+        for split in ("train", "test"):
+            # A second observer that misses some images of a split could score none of them.
+            with_second = [e for e in entries if e.split == split and e.second is not None]
+            without = [e.image.where for e in entries if e.split == split and e.second is None]
+            if with_second and without:
+                raise DataError(
+                    f"{name}: image(s) {', '.join(without)} have no second observer's label while the other {split} "
+                    f"images have one (e.g. {with_second[0].second.where}). Add the missing labels or remove the "
+                    "second observer's files."
+                )
         self.name, self.entries, self.missing = name, {e.id: e for e in entries}, missing or {}
 
     def ids(self, split: str = "all") -> list[str]:

@@ -13,8 +13,8 @@ import logging
 import re
 from pathlib import PurePosixPath
 
+from retinaseg.data.preprocess import IMAGE_SUFFIXES
 from retinaseg.data.sources.files import (
-    IMAGE_SUFFIXES,
     Catalogue,
     Entry,
     Files,

@@ -16,7 +16,7 @@ tools/dataset_converters/stare.py (sorted names, 10/10) and bob.ip.binseg's prot
 import logging
 import re
 
-from retinaseg.data.sources.files import Catalogue, Entry, Ref, open_part, open_root, without_image
+from retinaseg.data.sources.files import Catalogue, Entry, Ref, open_part, open_root, without_file, without_image
 from retinaseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,12 @@ HOW_TO_GET = (
     "STARE is distributed by Adam Hoover (Clemson University): download stare-images.tar, labels-ah.tar and "
     "labels-vk.tar into one folder and pass data.root=<folder> or set STARE_ROOT."
 )
-TRAIN = ("im0001", "im0002", "im0003", "im0004", "im0005", "im0044", "im0077", "im0081", "im0082", "im0139")
+# The 20 labelled photographs, in order; the first 10 train.
+LABELLED = (
+    *("im0001", "im0002", "im0003", "im0004", "im0005", "im0044", "im0077", "im0081", "im0082", "im0139"),
+    *("im0162", "im0163", "im0235", "im0236", "im0239", "im0240", "im0255", "im0291", "im0319", "im0324"),
+)
+TRAIN = LABELLED[:10]
 IMAGE = re.compile(r"(?:^|/)(im\d{4})\.ppm(?:\.gz)?$", re.IGNORECASE)
 LABELS = {
     part: re.compile(rf"(?:^|/)(im\d{{4}})\.{part[-2:]}\.ppm(?:\.gz)?$", re.IGNORECASE)
@@ -61,6 +66,9 @@ def catalogue(root) -> Catalogue:
         unpaired = sorted(set(found) - set(images))
         if unpaired:
             raise without_image(f"{part} files", (found[key] for key in unpaired))
+    for key in LABELLED:
+        if key in images and key not in labels["labels-ah"]:
+            raise without_file(images[key], "labels-ah", f"{key}.ah.ppm.gz in {ah_part.path}, one of STARE's 20 labels")
     if vk_part is None:
         log.info("no labels-vk in %s: STARE is read without its second observer", path)
     log.debug("%d of STARE's %d photographs are labelled", len(labels["labels-ah"]), len(images))
