@@ -4,6 +4,7 @@ and the errors a wrong or damaged copy gets."""
 
 import gzip
 import logging
+import re
 import tarfile
 import zipfile
 
@@ -268,10 +269,29 @@ def test_each_dataset_config_takes_its_root_from_the_readers_environment_variabl
 
 
 @pytest.mark.slow
-def test_a_wrong_root_from_the_command_line_is_one_line_and_exit_2(tmp_path):
-    result = run_module(
-        TINY + ["data=stare", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path
-    )
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        ("root", "does not have the STARE layout: expected stare-images.tar .*STARE_ROOT"),
+        ("label", "image .*stare-images.tar:im0003.ppm.gz has no labels-ah file"),
+        ("member", "stare-images.tar:im0002.ppm.gz is damaged"),
+    ],
+)
+def test_a_wrong_or_damaged_copy_stops_training_with_one_line_and_exit_2(photos, tmp_path, fault, expected):
+    names = ["im0001", "im0002", "im0003", "im0004", "im0162"]
+    photographs = [photos[k % 4] for k in range(len(names))]
+    root = make_stare(tmp_path / "STARE", photographs, names, unlabelled=0)
+    if fault == "root":  # the folder above the dataset
+        root = tmp_path
+    elif fault == "label":
+        with tarfile.open(root / "labels-ah.tar") as archive:
+            labels = {m.name: archive.extractfile(m).read() for m in archive.getmembers() if "im0003" not in m.name}
+        write_archive(root / "labels-ah.tar", labels)
+    else:  # a truncated member of the image tar
+        images = {f"{n}.ppm.gz": gzip.compress(encode(p.image, ".ppm")) for n, p in zip(names, photographs)}
+        images["im0002.ppm.gz"] = images["im0002.ppm.gz"][:100]
+        write_archive(root / "stare-images.tar", images)
+    result = run_module(TINY + ["data=stare", f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "does not have the STARE layout" in line and "STARE_ROOT" in line
+    assert re.search(expected, line), line
