@@ -21,7 +21,7 @@ from retinaseg.data.preprocess import (
     FORMATS,
     IMAGE_SUFFIXES,
     estimate_fov,
-    read_mask,
+    read_fov,
     read_photograph,
     resize_probabilities,
 )
@@ -86,16 +86,7 @@ def given_fov(photo: Path, fov: Path, shape: tuple[int, int]) -> np.ndarray:
         fov = found[0]
     elif not fov.is_file():
         raise DataError(f"fov={fov}: no such file or folder.")
-    mask = read_mask(fov.read_bytes(), str(fov)).astype(bool)
-    if mask.shape != shape:
-        raise DataError(
-            f"FOV mask {fov} is {mask.shape[1]}x{mask.shape[0]} but {photo} is {shape[1]}x{shape[0]} (width x height); they must match."
-        )
-    if not mask.any():
-        raise DataError(
-            f"FOV mask {fov} is empty (all zero): nothing of {photo.name} would be segmented. Replace the mask."
-        )
-    return mask
+    return read_fov(fov.read_bytes(), str(fov), str(photo), shape)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, fov: np.ndarray) -> np.ndarray:

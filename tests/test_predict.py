@@ -123,7 +123,7 @@ def test_a_photograph_and_its_mask_are_read_upright_as_their_exif_orientation_sa
             expected = np.array(ImageOps.exif_transpose(file).convert("RGB")).astype(int)
         got = read_photograph(path.read_bytes(), str(path))
         assert got.shape == expected.shape and np.abs(got - expected).max() <= 16, orientation
-        mask = read_mask(mask_path.read_bytes(), str(mask_path))
+        mask = read_mask(mask_path.read_bytes(), str(mask_path), str(path), got.shape)
         assert np.array_equal(mask, (got[..., 0] > 128).astype(np.uint8)), orientation
 
 

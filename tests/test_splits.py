@@ -85,10 +85,12 @@ def test_nearly_binary_labels_are_thresholded_and_others_refused():
     label[10:20] = 255
     fringe = label.copy()
     fringe[20, :5] = [3, 130, 200, 60, 250]  # a few compression artefacts at an edge
-    assert np.array_equal(read_mask(encode(fringe, ".png"), "fringe.png"), (fringe >= 128).astype(np.uint8))
+    assert np.array_equal(
+        read_mask(encode(fringe, ".png"), "fringe.png", "photo.png", fringe.shape), (fringe >= 128).astype(np.uint8)
+    )
     gray = np.tile(np.arange(0, 240, 6, dtype=np.uint8), (40, 1))
     with pytest.raises(DataError, match=r"gray.png is not a binary mask: it holds 40 values"):
-        read_mask(encode(gray, ".png"), "gray.png")
+        read_mask(encode(gray, ".png"), "gray.png", "photo.png", gray.shape)
 
 
 def test_fov_metrics_auc_from_histograms_is_the_exact_auc_within_1e4_in_constant_memory():

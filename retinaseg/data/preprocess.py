@@ -86,9 +86,10 @@ def upright(image: np.ndarray, data: bytes, name: str) -> np.ndarray:
     return np.array(Image.fromarray(image).transpose(UPRIGHT[orientation]))
 
 
-def read_mask(data: bytes, where: str) -> np.ndarray:
-    """A vessel label or FOV mask as (H, W) uint8 in {0, 1}, from an image file's bytes, read through luminance
-    (turned upright by its EXIF orientation tag, as photographs are).
+def read_mask(data: bytes, where: str, photograph: str, shape: Sequence[int]) -> np.ndarray:
+    """A vessel label or FOV mask of the photograph `photograph` (of `shape` (H, W)) as (H, W) uint8 in {0, 1},
+    from an image file's bytes, read through luminance (turned upright by its EXIF orientation tag, as photographs
+    are). A mask of another size than its photograph's is refused.
 
     Bright (>= 128) is foreground: DRIVE's palette GIFs map index 0/1 to luminance 3/253; a mask stored with raw
     values 0/1 is foreground where non-zero. A nearly binary image is thresholded at 128 too.
@@ -99,6 +100,11 @@ def read_mask(data: bytes, where: str) -> np.ndarray:
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read image {where}: {error}. Replace the file with a good copy.") from None
     gray = upright(gray, data, where.rsplit("/", 1)[-1])
+    if gray.shape != tuple(shape[:2]):
+        raise DataError(
+            f"{where} is {gray.shape[1]}x{gray.shape[0]} but its image {photograph} is {shape[1]}x{shape[0]} "
+            "(width x height); they must match."
+        )
     values, counts = np.unique(gray, return_counts=True)
     if len(values) <= 2:
         return (gray >= 128 if values.max() > 1 else gray > 0).astype(np.uint8)
@@ -109,6 +115,14 @@ def read_mask(data: bytes, where: str) -> np.ndarray:
             f"{where} is not a binary mask: it holds {len(values)} values ({shown}). Labels and FOV masks must have two values."
         )
     return (gray >= 128).astype(np.uint8)
+
+
+def read_fov(data: bytes, where: str, photograph: str, shape: Sequence[int]) -> np.ndarray:
+    """A given FOV mask as (H, W) bool (see `read_mask`); an empty one is refused."""
+    fov = read_mask(data, where, photograph, shape).astype(bool)
+    if not fov.any():
+        raise DataError(f"FOV mask {where} is empty (all zero): nothing of {photograph} would be scored. Replace it.")
+    return fov
 
 
 def estimate_fov(image: np.ndarray) -> np.ndarray:

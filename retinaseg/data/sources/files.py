@@ -17,9 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-
-from retinaseg.data.preprocess import estimate_fov, read_mask, read_photograph
+from retinaseg.data.preprocess import estimate_fov, read_fov, read_mask, read_photograph
 from retinaseg.data.sample import Sample
 from retinaseg.errors import DataError
 
@@ -165,24 +163,10 @@ class Catalogue:
 def read_sample(entry: Entry) -> Sample:
     """Read and check one photograph's files: sizes must match, labels be binary, a given FOV not be empty."""
     image = read_photograph(entry.image.read(), entry.image.where)
-
-    def mask(ref: Ref) -> np.ndarray:
-        array = read_mask(ref.read(), ref.where)
-        if array.shape != image.shape[:2]:
-            raise DataError(
-                f"{ref.where} is {array.shape[1]}x{array.shape[0]} but its image {entry.image.basename} is "
-                f"{image.shape[1]}x{image.shape[0]} (width x height); they must match."
-            )
-        return array
-
-    label = mask(entry.label)
-    if entry.fov is not None:
-        fov = mask(entry.fov).astype(bool)
-        if not fov.any():
-            raise DataError(f"FOV mask {entry.fov.where} is empty (all zero).")
-    else:
-        fov = estimate_fov(image)
-    second = mask(entry.second) if entry.second is not None else None
+    name, shape = entry.image.basename, image.shape[:2]
+    label = read_mask(entry.label.read(), entry.label.where, name, shape)
+    fov = estimate_fov(image) if entry.fov is None else read_fov(entry.fov.read(), entry.fov.where, name, shape)
+    second = None if entry.second is None else read_mask(entry.second.read(), entry.second.where, name, shape)
     return Sample(entry.id, image, label, fov, fov_given=entry.fov is not None, second_label=second)
 
 
