@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 OUTPUTS = ("probabilities", "logits")
-# Preprocessing settings a checkpoint may record beyond mean, std and clahe, copied into the JSON when present.
-OPTIONAL_PREPROCESSING = ("scale",)
 
 
 class Probabilities(nn.Module):
@@ -70,17 +68,18 @@ def to_onnx(net: nn.Module, path: Path, output: str = "probabilities", channels:
 
 def description(checkpoint: Checkpoint, model_file: Path, output: str) -> dict:
     """The JSON beside an exported model: its input, preprocessing, output and threshold."""
-    hparams, data = checkpoint.hyper_parameters, checkpoint.data
+    hparams, pre = checkpoint.hyper_parameters, checkpoint.preprocessing()
     threshold = float(hparams.get("threshold", 0.5))
     preprocessing = {
-        "steps": "RGB uint8 -> CLAHE on the CIE L* lightness (only if clahe; OpenCV, on the whole image) "
-        "-> / 255 -> (x - mean) / std per channel -> NCHW float32",
-        "clahe": bool(data.get("clahe", False)),
+        "steps": "RGB uint8 -> resized by scale (OpenCV INTER_AREA; only if scale != 1) -> CLAHE on the CIE L* "
+        "lightness (only if clahe; OpenCV, on the whole image) -> / 255 -> (x - mean) / std per channel -> NCHW "
+        "float32; the probabilities resized back (bilinear) to the photograph's size",
+        "scale": pre.scale,
+        "clahe": pre.clahe,
         "clahe_clip_limit": CLAHE_CLIP_LIMIT,
         "clahe_tiles": list(CLAHE_TILES),
-        "mean": list(data["mean"]),
-        "std": list(data["std"]),
-        **{key: data[key] for key in OPTIONAL_PREPROCESSING if key in data},
+        "mean": list(pre.mean),
+        "std": list(pre.std),
     }
     return {
         "model": model_file.name,

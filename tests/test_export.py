@@ -63,6 +63,7 @@ def test_the_json_holds_a_checkpoints_own_preprocessing(drive_checkpoint):
     data = checkpoint.data
     assert about["preprocessing"]["mean"] == list(data["mean"]) and about["preprocessing"]["std"] == list(data["std"])
     assert about["preprocessing"]["clahe"] == data["clahe"] and about["network"]["base_channels"] == 4
+    assert about["preprocessing"]["scale"] == data["scale"] == 1.0
 
 
 def test_export_never_overwrites_and_checks_its_settings(weights, tmp_path):
