@@ -104,6 +104,23 @@ def test_scale_is_the_target_datasets_and_scores_stay_at_full_resolution(drive_c
         assert probs[name].shape == (584, 565) and np.array_equal(probs[name], expected)
 
 
+def test_another_dataset_at_another_scale_on_openvino_scores_as_on_torch(drive_checkpoint, drive_subset, tmp_path):
+    pytest.importorskip("openvino")
+    samples = read_split("drive", drive_subset, "test")[:2]
+    stare = make_stare(tmp_path / "STARE", samples, STARE_LABELLED[:2], unlabelled=0)
+    overrides = ["data=stare", f"data.root={stare}", "split=all", "data.scale=0.5"]
+    results = {
+        backend: run_eval(drive_checkpoint, [*overrides, f"inference.backend={backend}"], tmp_path / backend)
+        for backend in ("torch", "openvino")
+    }
+    assert results["openvino"]["inference"]["backend"] == "openvino" and results["openvino"]["scale"] == 0.5
+    torch_probs, openvino_probs = (np.load(tmp_path / backend / "probabilities.npz") for backend in results)
+    for name in STARE_LABELLED[:2]:
+        assert torch_probs[name].shape == (584, 565)  # scored at the photographs' own resolution
+        assert np.abs(torch_probs[name] - openvino_probs[name]).max() < 1e-3
+    assert results["openvino"]["f1"] == pytest.approx(results["torch"]["f1"], abs=1e-3)
+
+
 @pytest.mark.slow
 def test_eval_sweep_writes_the_checkpoint_by_dataset_table(drive_checkpoint, tmp_path):
     # Small synthetic photographs keep the 4 jobs quick. Test-split names: STARE's last 10 labelled images,
