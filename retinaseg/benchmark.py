@@ -27,7 +27,6 @@ from retinaseg.model import UNet
 from retinaseg.precision import cpu_has_bf16, cpu_info
 from retinaseg.runs.safe_io import write_text
 from retinaseg.tracking import finishing_wandb_run, log_benchmark
-from retinaseg.train import instantiate_group
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -302,7 +301,7 @@ def main(cfg: DictConfig) -> None:
     with exit_on_user_error(), finishing_wandb_run():
         result = benchmark(cfg)
         write_text(cfg.output, json.dumps(result, indent=2) + "\n")
-        log_benchmark(instantiate_group(cfg.get("logger")), result)
+        log_benchmark(config.instantiate_group(cfg.get("logger")), result)
     log.info(
         "benchmark on %s, settings %s\n%s\nwritten to %s",
         result["machine"],

@@ -1,10 +1,12 @@
-"""What every entry point sets up before Hydra composes its config: the OmegaConf resolvers the configs use,
-and a console without known noise. Nothing happens on import; entry points (and tests) call `setup()`."""
+"""What every entry point sets up before Hydra composes its config (the OmegaConf resolvers the configs use,
+and a console without known noise), and how it builds the objects of a composed group. Nothing happens on
+import; entry points (and tests) call `setup()`."""
 
 import logging
 import warnings
 
-from omegaconf import OmegaConf
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
 from retinaseg.precision import fastest_precision
 
@@ -63,3 +65,13 @@ def setup() -> None:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     quiet_known_noise()
+
+
+def instantiate_group(group: DictConfig | None, **extra: dict) -> list:
+    """Objects of a config group whose entries are each a `_target_` (callbacks, loggers); `extra[<entry>]`: more
+    arguments for that entry."""
+    return [
+        hydra.utils.instantiate(c, **extra.get(name, {}), _convert_="all")
+        for name, c in (group or {}).items()
+        if c and "_target_" in c
+    ]

@@ -29,7 +29,6 @@ from retinaseg.metrics import DISPLAY, Scores, score
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.runs.safe_io import write_atomically, write_png, write_text
 from retinaseg.sweeps import in_multirun
-from retinaseg.train import instantiate_group
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -266,7 +265,7 @@ def evaluate(cfg: DictConfig) -> dict:
     write_outputs(output_dir, scores, probs, samples)
     figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images)
     # A W&B run joins the group of the training run that wrote the checkpoint.
-    loggers = instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
+    loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
     tracking.log_evaluation(
         loggers, metrics, scores.rows, figures, samples[: cfg.plot_images], probs, checkpoint, module
     )

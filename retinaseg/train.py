@@ -28,16 +28,6 @@ config.setup()
 log = logging.getLogger(__name__)
 
 
-def instantiate_group(group: DictConfig | None, **extra: dict) -> list:
-    """Objects of a config group whose entries are each a `_target_` (callbacks, loggers); `extra[<entry>]`: more
-    arguments for that entry."""
-    return [
-        hydra.utils.instantiate(c, **extra.get(name, {}), _convert_="all")
-        for name, c in (group or {}).items()
-        if c and "_target_" in c
-    ]
-
-
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Trainer of conf/trainer with the configured callbacks and loggers; a trainer setting Lightning
     refuses is reported as a ConfigError with Lightning's reason."""
@@ -47,7 +37,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
             f"trainer.max_epochs must be an integer >= 1, or -1 for no limit (then set trainer.max_time or "
             f"trainer.max_steps); got {max_epochs!r}"
         )
-    callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+    callbacks, loggers = config.instantiate_group(cfg.get("callbacks")), config.instantiate_group(cfg.get("logger"))
     settings = OmegaConf.to_container(cfg.trainer, resolve=True)
     settings.pop("budget", None)  # ours (retinaseg.budget), not the Trainer's
     try:

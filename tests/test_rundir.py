@@ -21,7 +21,6 @@ from retinaseg.errors import ConfigError
 from retinaseg.predict import predict
 from retinaseg.runs.metrics_csv import MetricsCSVLogger
 from retinaseg.runs.rundir import ClaimRunDirectory, RunDir
-from retinaseg.train import instantiate_group
 
 
 def training_run(path) -> RunDir:
@@ -99,7 +98,7 @@ def test_a_resumed_run_records_its_config_beside_the_original(tmp_path):
 def test_the_configs_write_where_run_dir_looks(tmp_path):
     cfg = compose_config("train", TINY_SYNTHETIC, tmp_path)
     run = RunDir(tmp_path)
-    callbacks = instantiate_group(cfg.callbacks)
+    callbacks = config.instantiate_group(cfg.callbacks)
     saved = {c.filename: c.dirpath for c in callbacks if isinstance(c, RunCheckpoint)}
     assert saved == {"best": str(run.checkpoints), "last": str(run.checkpoints)}
     assert next(c for c in callbacks if isinstance(c, CheckpointOnSigterm)).last == run.last
