@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from retinaseg import config
-from retinaseg.budget import StepTimer
+from retinaseg.budget import StepTimer, timing_trainer
 from retinaseg.errors import ConfigError, check_choice, check_int, exit_on_user_error
 from retinaseg.inference import MODES, on_backend
 from retinaseg.losses import SegmentationLoss
@@ -84,18 +84,7 @@ def lightning_loop(cfg: DictConfig, datamodule, precision: str) -> float:
     torch.manual_seed(cfg.seed)
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     timer = StepTimer(cfg.warmup_steps)
-    trainer = L.Trainer(
-        max_steps=cfg.warmup_steps + cfg.steps,
-        precision=precision,
-        devices=1,
-        logger=False,
-        callbacks=[timer],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = timing_trainer(timer, cfg.warmup_steps + cfg.steps, precision=precision, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
     return timer.end - timer.start
 

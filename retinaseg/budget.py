@@ -153,6 +153,23 @@ class StepTimer(L.Callback):
         return max(0.0, self.start - self.first - self.warmup_steps * self.step_s)
 
 
+def timing_trainer(timer: StepTimer, max_steps: int, **settings) -> L.Trainer:
+    """A bare one-device Trainer that trains `max_steps` steps under `timer`: no logger, checkpoints, progress bar,
+    model summary or sanity check (calibration and benchmark time training steps alone). `settings`: more
+    Trainer arguments (precision, ...)."""
+    return L.Trainer(
+        **settings,
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
 @contextlib.contextmanager
 def preserved_rng():
     """Restores the states of Python's, NumPy's and torch's random number generators on exit, so that what
@@ -184,18 +201,7 @@ def calibrate(
     timer = StepTimer(WARMUP_STEPS, CALIBRATION_SECONDS)
     with preserved_rng(), tempfile.TemporaryDirectory() as scratch:
         copied = copy.deepcopy(model)
-        trainer = L.Trainer(
-            **step_settings,
-            devices=1,
-            max_steps=WARMUP_STEPS + CALIBRATION_STEPS,
-            default_root_dir=scratch,
-            logger=False,
-            callbacks=[timer],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
+        trainer = timing_trainer(timer, WARMUP_STEPS + CALIBRATION_STEPS, default_root_dir=scratch, **step_settings)
         trainer.fit(copied, train_dataloaders=datamodule.train_dataloader())
         start = time.perf_counter()
         trainer.validate(copied, dataloaders=val_loader, verbose=False)

@@ -17,11 +17,10 @@ import re
 from retinaseg.data.sources.files import (
     Catalogue,
     Entry,
-    Ref,
+    check_paired_with_images,
     open_files,
     open_root,
     without_file,
-    without_image,
 )
 from retinaseg.errors import DataError
 
@@ -40,18 +39,14 @@ SECOND = re.compile(r"(?:^|/)(Image_\d{2}[LR])_2ndHO\.png$", re.IGNORECASE)
 def catalogue(root) -> Catalogue:
     path = open_root(root, NAME, HOW_TO_GET)
     files = open_files(path, NAME, HOW_TO_GET)
-    images, first, second = (
-        {key: Ref(files, name) for key, name in files.matching(pattern).items()} for pattern in (IMAGE, FIRST, SECOND)
-    )
+    images, first, second = (files.matching(pattern) for pattern in (IMAGE, FIRST, SECOND))
     if not images:
         raise DataError(
             f"data.root={path} does not have the CHASE_DB1 layout: expected Image_NN[LR].jpg photographs with "
             f"Image_NN[LR]_1stHO.png labels (and _2ndHO.png) in one folder or zip; {files.summary()}. {HOW_TO_GET}"
         )
     for what, found in (("1stHO label", first), ("2ndHO label", second)):
-        unpaired = sorted(set(found) - set(images))
-        if unpaired:
-            raise without_image(f"{what} files", (found[key] for key in unpaired))
+        check_paired_with_images(what, found, images)
     entries = []
     for key, image in sorted(images.items()):
         if key not in first:

@@ -16,10 +16,10 @@ from retinaseg.data.sources.files import (
     Entry,
     Files,
     Ref,
+    check_paired_with_images,
     open_files,
     open_root,
     without_file,
-    without_image,
 )
 from retinaseg.errors import DataError
 
@@ -68,9 +68,7 @@ def catalogue(root) -> Catalogue:
             continue
         parts = {part: _by_number(files, f"{base}/{part}") for part in ("1st_manual", "mask", "2nd_manual")}
         for part, found in parts.items():
-            unpaired = sorted(set(found) - set(images))
-            if unpaired:
-                raise without_image(f"{part} files", (found[n] for n in unpaired))
+            check_paired_with_images(part, found, images)
         for number, image in sorted(images.items()):
             for part in ("1st_manual", "mask"):
                 if number not in parts[part]:

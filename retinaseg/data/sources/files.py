@@ -75,13 +75,13 @@ class Files:
         except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error, OSError) as error:
             raise DataError(f"{self.where(name)} is damaged ({error}): replace the dataset with a good copy.") from None
 
-    def matching(self, pattern: re.Pattern) -> dict[str, str]:
-        """{first group of `pattern`: name} of the files whose path (relative to the root) `pattern` searches out."""
+    def matching(self, pattern: re.Pattern) -> dict[str, "Ref"]:
+        """{first group of `pattern`: file} of the files whose path (relative to the root) `pattern` searches out."""
         found = {}
         for name in self.names:
             match = pattern.search(name)
             if match:
-                found.setdefault(match.group(1), name)
+                found.setdefault(match.group(1), Ref(self, name))
         return found
 
     def summary(self, limit: int = 8) -> str:
@@ -202,6 +202,13 @@ def open_part(root: Path, part: str) -> Files | None:
 def without_image(what: str, refs: Iterable[Ref]) -> DataError:
     names = ", ".join(ref.where for ref in refs)
     return DataError(f"{what} without an image: {names}. Add the images or remove these files.")
+
+
+def check_paired_with_images(what: str, found: dict, images: dict) -> None:
+    """Refuses files of `found` (key: Ref) whose key no image of `images` has, naming them as `what` files."""
+    unpaired = sorted(set(found) - set(images))
+    if unpaired:
+        raise without_image(f"{what} files", (found[key] for key in unpaired))
 
 
 def without_file(image: Ref, what: str, expected: str) -> DataError:

@@ -17,11 +17,10 @@ import re
 from retinaseg.data.sources.files import (
     Catalogue,
     Entry,
-    Ref,
+    check_paired_with_images,
     open_files,
     open_root,
     without_file,
-    without_image,
 )
 from retinaseg.errors import DataError
 
@@ -40,18 +39,14 @@ MASK = re.compile(r"(?:^|/)mask/(\d{2}_(?:dr|g|h))_mask\.tiff?$", re.IGNORECASE)
 def catalogue(root) -> Catalogue:
     path = open_root(root, NAME, HOW_TO_GET)
     files = open_files(path, NAME, HOW_TO_GET)
-    images, labels, masks = (
-        {key: Ref(files, name) for key, name in files.matching(pattern).items()} for pattern in (IMAGE, LABEL, MASK)
-    )
+    images, labels, masks = (files.matching(pattern) for pattern in (IMAGE, LABEL, MASK))
     if not images:
         raise DataError(
             f"data.root={path} does not have the HRF layout: expected images/NN_dr.JPG (NN_g.jpg, NN_h.jpg), "
             f"manual1/NN_dr.tif and mask/NN_dr_mask.tif; {files.summary()}. {HOW_TO_GET}"
         )
     for what, found in (("manual1", labels), ("mask", masks)):
-        unpaired = sorted(set(found) - set(images))
-        if unpaired:
-            raise without_image(f"{what} files", (found[key] for key in unpaired))
+        check_paired_with_images(what, found, images)
     entries = []
     for key, image in sorted(images.items()):
         for what, found, expected in (

@@ -16,7 +16,14 @@ tools/dataset_converters/stare.py (sorted names, 10/10) and bob.ip.binseg's prot
 import logging
 import re
 
-from retinaseg.data.sources.files import Catalogue, Entry, Ref, open_part, open_root, without_file, without_image
+from retinaseg.data.sources.files import (
+    Catalogue,
+    Entry,
+    check_paired_with_images,
+    open_part,
+    open_root,
+    without_file,
+)
 from retinaseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -54,18 +61,16 @@ def catalogue(root) -> Catalogue:
         raise DataError(
             f"data.root={path} does not have the STARE layout: expected {LAYOUT}; found {found}. {HOW_TO_GET}"
         )
-    images = {key: Ref(images_part, name) for key, name in images_part.matching(IMAGE).items()}
+    images = images_part.matching(IMAGE)
     if not images:
         raise DataError(f"{images_part.path} holds no imNNNN.ppm[.gz] photographs; {images_part.summary()}.")
     labels = {
-        part: {key: Ref(files, name) for key, name in files.matching(LABELS[part]).items()}
+        part: files.matching(LABELS[part])
         for part, files in (("labels-ah", ah_part), ("labels-vk", vk_part))
         if files is not None
     }
     for part, found in labels.items():
-        unpaired = sorted(set(found) - set(images))
-        if unpaired:
-            raise without_image(f"{part} files", (found[key] for key in unpaired))
+        check_paired_with_images(part, found, images)
     for key in LABELLED:
         if key in images and key not in labels["labels-ah"]:
             raise without_file(images[key], "labels-ah", f"{key}.ah.ppm.gz in {ah_part.path}, one of STARE's 20 labels")
