@@ -71,7 +71,10 @@ def test_a_missing_split_folder_is_named(drive):
 @pytest.mark.parametrize("folder, name", [("1st_manual", "22_manual1.gif"), ("mask", "22_training_mask.gif")])
 def test_an_image_without_its_label_or_mask_is_named(drive, folder, name):
     (drive / "training" / folder / name).unlink()
-    with pytest.raises(DataError, match=f"22_training.tif has no {folder} file"):
+    with pytest.raises(
+        DataError,
+        match=rf"22_training.tif has no {folder} file \(expected one named 22_\.\.\. in .*training/{folder}\)",
+    ):
         read_split("drive", drive, "train")
 
 

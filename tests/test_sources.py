@@ -203,7 +203,9 @@ def test_unpaired_files_are_named(photos, tmp_path):
     with pytest.raises(DataError, match=r"1stHO label files without an image: .*c.zip:Image_01R_1stHO.png"):
         sources.open_dataset("chase_db1", tmp_path / "c.zip")
     write_archive(tmp_path / "c.zip", {f"{names[0]}.jpg": encode(photos[0].image, ".jpg")})
-    with pytest.raises(DataError, match=r"image .*c.zip:Image_01L.jpg has no 1stHO label file"):
+    with pytest.raises(
+        DataError, match=r"image .*c.zip:Image_01L.jpg has no 1stHO label file \(expected Image_01L_1stHO.png"
+    ):
         sources.open_dataset("chase_db1", tmp_path / "c.zip")
 
 
@@ -226,7 +228,14 @@ def test_hrf_unpaired_files_are_named(photos, tmp_path):
     with zipfile.ZipFile(path) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     write_archive(path, {k: v for k, v in members.items() if k != "manual1/01_g.tif"})
-    with pytest.raises(DataError, match=r"image .*all.zip:images/01_g.jpg has no manual1 file"):
+    with pytest.raises(
+        DataError, match=r"image .*all.zip:images/01_g.jpg has no manual1 file \(expected manual1/01_g.tif\)"
+    ):
+        sources.open_dataset("hrf", path)
+    write_archive(path, {k: v for k, v in members.items() if k != "mask/01_dr_mask.tif"})
+    with pytest.raises(
+        DataError, match=r"image .*all.zip:images/01_dr.JPG has no mask file \(expected mask/01_dr_mask.tif\)"
+    ):
         sources.open_dataset("hrf", path)
     write_archive(path, {k: v for k, v in members.items() if k != "images/01_dr.JPG"})
     with pytest.raises(DataError, match=r"manual1 files without an image: .*all.zip:manual1/01_dr.tif"):

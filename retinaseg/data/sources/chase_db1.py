@@ -19,8 +19,6 @@ from retinaseg.data.sources.files import (
     Entry,
     check_paired_with_images,
     open_files,
-    open_root,
-    without_file,
 )
 from retinaseg.errors import DataError
 
@@ -37,20 +35,17 @@ SECOND = re.compile(r"(?:^|/)(Image_\d{2}[LR])_2ndHO\.png$", re.IGNORECASE)
 
 
 def catalogue(root) -> Catalogue:
-    path = open_root(root, NAME, HOW_TO_GET)
-    files = open_files(path, NAME, HOW_TO_GET)
+    files = open_files(root, NAME, HOW_TO_GET)
     images, first, second = (files.matching(pattern) for pattern in (IMAGE, FIRST, SECOND))
     if not images:
         raise DataError(
-            f"data.root={path} does not have the CHASE_DB1 layout: expected Image_NN[LR].jpg photographs with "
+            f"data.root={files.path} does not have the CHASE_DB1 layout: expected Image_NN[LR].jpg photographs with "
             f"Image_NN[LR]_1stHO.png labels (and _2ndHO.png) in one folder or zip; {files.summary()}. {HOW_TO_GET}"
         )
-    for what, found in (("1stHO label", first), ("2ndHO label", second)):
-        check_paired_with_images(what, found, images)
+    check_paired_with_images("1stHO label", first, images, expected=lambda key: f"{key}_1stHO.png beside it")
+    check_paired_with_images("2ndHO label", second, images)
     entries = []
     for key, image in sorted(images.items()):
-        if key not in first:
-            raise without_file(image, "1stHO label", f"{key}_1stHO.png beside it")
         split = "train" if int(key[6:8]) <= TRAIN_CHILDREN else "test"
         entries.append(Entry(key, split, image, first[key], second=second.get(key)))
     return Catalogue(NAME, entries)

@@ -18,8 +18,6 @@ from retinaseg.data.sources.files import (
     Ref,
     check_paired_with_images,
     open_files,
-    open_root,
-    without_file,
 )
 from retinaseg.errors import DataError
 
@@ -47,12 +45,11 @@ def _by_number(files: Files, folder: str) -> dict[int, Ref]:
 
 
 def catalogue(root) -> Catalogue:
-    path = open_root(root, NAME, HOW_TO_GET)
-    files = open_files(path, NAME, HOW_TO_GET)
+    files = open_files(root, NAME, HOW_TO_GET)
     first = next((match for match in map(LAYOUT.match, files.names) if match), None)
     if first is None:
         raise DataError(
-            f"data.root={path} does not have the DRIVE layout: expected training/images/ and test/images/ with "
+            f"data.root={files.path} does not have the DRIVE layout: expected training/images/ and test/images/ with "
             f"1st_manual/ and mask/ beside them; {files.summary()}. {HOW_TO_GET}"
         )
     prefix = first.group(1)
@@ -62,17 +59,18 @@ def catalogue(root) -> Catalogue:
         images = _by_number(files, f"{base}/images")
         if not images:
             missing[split] = (
-                f"{files.where(base + '/images')} is missing or holds no images: data.root={path} does not have "
+                f"{files.where(base + '/images')} is missing or holds no images: data.root={files.path} does not have "
                 f"the DRIVE layout. {HOW_TO_GET}"
             )
             continue
         parts = {part: _by_number(files, f"{base}/{part}") for part in ("1st_manual", "mask", "2nd_manual")}
-        for part, found in parts.items():
-            check_paired_with_images(part, found, images)
+        for part in ("1st_manual", "mask"):
+            folder = files.where(f"{base}/{part}")
+            check_paired_with_images(
+                part, parts[part], images, lambda number, folder=folder: f"one named {number:02d}_... in {folder}"
+            )
+        check_paired_with_images("2nd_manual", parts["2nd_manual"], images)
         for number, image in sorted(images.items()):
-            for part in ("1st_manual", "mask"):
-                if number not in parts[part]:
-                    raise without_file(image, part, f"one named {number:02d}_... in {files.where(f'{base}/{part}')}")
             stem = image.basename.rsplit(".", 1)[0]
             entries.append(
                 Entry(

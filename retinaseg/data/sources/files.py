@@ -13,7 +13,7 @@ import re
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -180,8 +180,9 @@ def open_root(root, name: str, how_to_get: str) -> Path:
     return path
 
 
-def open_files(path: Path, name: str, how_to_get: str) -> Files:
-    """`Files` of a folder or archive, with the dataset's advice when it is neither."""
+def open_files(root, name: str, how_to_get: str) -> Files:
+    """`Files` of data.root, a folder or an archive (`.path` is root), or a DataError that says how to get the dataset."""
+    path = open_root(root, name, how_to_get)
     try:
         return Files(path)
     except DataError as error:
@@ -204,12 +205,20 @@ def without_image(what: str, refs: Iterable[Ref]) -> DataError:
     return DataError(f"{what} without an image: {names}. Add the images or remove these files.")
 
 
-def check_paired_with_images(what: str, found: dict, images: dict) -> None:
-    """Refuses files of `found` (key: Ref) whose key no image of `images` has, naming them as `what` files."""
+def without_file(image: Ref, what: str, expected: str) -> DataError:
+    return DataError(f"image {image.where} has no {what} file (expected {expected}). Add it or remove the image.")
+
+
+def check_paired_with_images(
+    what: str, found: dict, images: dict, expected: Callable[[Hashable], str] | None = None
+) -> None:
+    """Refuses files of `found` (key: Ref) whose key no image of `images` has, naming them as `what` files; with
+    `expected`, also the first image (in key order) that has no file in `found`, `expected(key)` saying where
+    that file belongs."""
     unpaired = sorted(set(found) - set(images))
     if unpaired:
         raise without_image(f"{what} files", (found[key] for key in unpaired))
-
-
-def without_file(image: Ref, what: str, expected: str) -> DataError:
-    return DataError(f"image {image.where} has no {what} file (expected {expected}). Add it or remove the image.")
+    if expected is not None:
+        for key, image in sorted(images.items()):
+            if key not in found:
+                raise without_file(image, what, expected(key))

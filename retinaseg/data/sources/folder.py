@@ -20,7 +20,6 @@ from retinaseg.data.sources.files import (
     Files,
     Ref,
     open_files,
-    open_root,
     without_file,
     without_image,
 )
@@ -73,11 +72,10 @@ def _pair(images: dict[str, Ref], refs: list[Ref], what: str) -> dict[str, Ref]:
 
 
 def catalogue(root) -> Catalogue:
-    path = open_root(root, NAME, HOW_TO_GET)
-    files = open_files(path, NAME, HOW_TO_GET)
+    files = open_files(root, NAME, HOW_TO_GET)
     first = next((match for match in map(LAYOUT.match, files.names) if match), None)
     if first is None:
-        raise DataError(f"data.root={path} does not have the folder layout: {files.summary()}. {HOW_TO_GET}")
+        raise DataError(f"data.root={files.path} does not have the folder layout: {files.summary()}. {HOW_TO_GET}")
     entries, missing = [], {}
     for split in ("train", "test"):
         base = first.group(1) + split

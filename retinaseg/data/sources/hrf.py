@@ -19,8 +19,6 @@ from retinaseg.data.sources.files import (
     Entry,
     check_paired_with_images,
     open_files,
-    open_root,
-    without_file,
 )
 from retinaseg.errors import DataError
 
@@ -37,24 +35,17 @@ MASK = re.compile(r"(?:^|/)mask/(\d{2}_(?:dr|g|h))_mask\.tiff?$", re.IGNORECASE)
 
 
 def catalogue(root) -> Catalogue:
-    path = open_root(root, NAME, HOW_TO_GET)
-    files = open_files(path, NAME, HOW_TO_GET)
+    files = open_files(root, NAME, HOW_TO_GET)
     images, labels, masks = (files.matching(pattern) for pattern in (IMAGE, LABEL, MASK))
     if not images:
         raise DataError(
-            f"data.root={path} does not have the HRF layout: expected images/NN_dr.JPG (NN_g.jpg, NN_h.jpg), "
+            f"data.root={files.path} does not have the HRF layout: expected images/NN_dr.JPG (NN_g.jpg, NN_h.jpg), "
             f"manual1/NN_dr.tif and mask/NN_dr_mask.tif; {files.summary()}. {HOW_TO_GET}"
         )
-    for what, found in (("manual1", labels), ("mask", masks)):
-        check_paired_with_images(what, found, images)
+    check_paired_with_images("manual1", labels, images, expected=lambda key: f"manual1/{key}.tif")
+    check_paired_with_images("mask", masks, images, expected=lambda key: f"mask/{key}_mask.tif")
     entries = []
     for key, image in sorted(images.items()):
-        for what, found, expected in (
-            ("manual1", labels, f"manual1/{key}.tif"),
-            ("mask", masks, f"mask/{key}_mask.tif"),
-        ):
-            if key not in found:
-                raise without_file(image, what, expected)
         split = "train" if int(key[:2]) <= TRAIN_NUMBERS else "test"
         entries.append(Entry(key, split, image, labels[key], fov=masks[key]))
     return Catalogue(NAME, entries)
