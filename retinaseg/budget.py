@@ -35,10 +35,8 @@ log = logging.getLogger(__name__)
 # and a machine that gets slower after calibration.
 MARGIN = 0.05
 # What a step of the run may cost beyond a step of the calibration, which has no progress bar, logger or run
-# callbacks: of seven 15-minute experiment=drive_cpu runs on a 2-core AVX-512 BF16 machine, six ran their steps
-# at 0.88-1.02x the calibrated time, one at 1.10x (README, "Training for a time budget"). With MARGIN, a run up
-# to about 8% slower than calibrated ends in its budget; one up to 20% slower is stopped by trainer.max_time in
-# the last tenth of its steps, where a cosine schedule's learning rate is below 3% of its peak.
+# callbacks. Small, because most measured runs ran their steps as fast as calibrated; the runs, and how much
+# slower than calibrated a run may be and still end in its budget, are in README, "Training for a time budget".
 RUN_STEP_OVERHEAD = 0.03
 # Calibration: untimed warm-up steps, then timed steps until CALIBRATION_SECONDS have passed (at least
 # one step, at most CALIBRATION_STEPS).
