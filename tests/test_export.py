@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compose_config
+from helpers import compose_config, run_entry_point
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.errors import ConfigError
 from retinaseg.export import description, export
@@ -76,3 +76,12 @@ def test_export_never_overwrites_and_checks_its_settings(weights, tmp_path):
         export(compose_config("export", [f"ckpt_path={weights}", "output=mask"], tmp_path))
     with pytest.raises(ConfigError, match="format must be one of onnx"):
         export(compose_config("export", [f"ckpt_path={weights}", "format=tflite"], tmp_path))
+
+
+def test_the_command_prints_only_what_it_wrote(weights, tmp_path):
+    # torch's exporter otherwise logs a line per folded constant, per torchvision operator it skips, and more.
+    result = run_entry_point("export", [f"ckpt_path={weights}", f"file={tmp_path / 'mine.onnx'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = (result.stdout + result.stderr).splitlines()
+    assert all("][retinaseg." in line or "][__main__][" in line for line in printed), printed
+    assert "mine.onnx (probabilities) and" in printed[-1]
