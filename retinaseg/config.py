@@ -28,14 +28,20 @@ class _DropTips(logging.Filter):
 
 def quiet_known_noise() -> None:
     """Silence messages that say nothing about the run, each matched narrowly where it is raised."""
-    # Lightning 2.6 calls torch's deprecated LeafSpec() in its own pytree helper on every logged metric;
-    # nothing to act on until Lightning changes it.
+    # Lightning 2.6 calls torch's deprecated LeafSpec() in its own pytree helper on every logged metric, and
+    # torch's ONNX exporter (retinaseg.export) in torch's own pytree code, raised through copyreg; nothing to act
+    # on until they change it.
     warnings.filterwarnings(
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
-        module="lightning.pytorch.utilities._pytree",
+        module=r"(lightning\.pytorch\.utilities\._pytree|copyreg)$",
     )
+    # torch's ONNX exporter: an INFO line per folded constant or slice of unknown size (onnx_ir, onnxscript) and
+    # a warning per torchvision operator it skips registering (this project has no torchvision).
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # With bf16-mixed the model summary's size estimate assumes 32 bits; only that estimate is affected.
     warnings.filterwarnings(
         "ignore",

@@ -5,7 +5,6 @@ model expects (preprocessing) and how its output is read (threshold)."""
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 
 import hydra
@@ -30,18 +29,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 OUTPUTS = ("probabilities", "logits")
-
-
-def quiet_exporter() -> None:
-    """Silence what torch's ONNX exporter prints that says nothing about this export: an INFO line per folded
-    constant or slice of unknown size (onnx_ir, onnxscript), a warning per torchvision operator it skips (this
-    project has no torchvision) and a deprecation inside torch's own pytree code."""
-    for name in ("onnx_ir", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    warnings.filterwarnings(
-        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
-    )
 
 
 class Probabilities(nn.Module):
@@ -121,7 +108,6 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError("format=onnx needs onnx and onnxscript (torch's ONNX exporter): pip install -e '.[onnx]'.")
     checkpoint = load_checkpoint(cfg.ckpt_path)
     module = checkpoint.build_module()
-    quiet_exporter()
     to_onnx(module.net, path, cfg.output, module.hparams.in_channels)
     write_text(sidecar, json.dumps(description(checkpoint, path, cfg.output), indent=2) + "\n")
     log.info("%s (%s) and %s written from %s", path, cfg.output, sidecar, checkpoint.path)
