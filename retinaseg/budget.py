@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MARGIN = 0.05
 # What a step of the run may cost beyond a step of the calibration, which has no progress bar, logger or run
 # callbacks. Small, because most measured runs ran their steps as fast as calibrated; the runs, and how much
-# slower than calibrated a run may be and still end in its budget, are in README, "Training for a time budget".
+# slower than calibrated a run may be and still end in its budget: docs/experiments/2026-11-28-budget-calibration.md.
 RUN_STEP_OVERHEAD = 0.03
 # Calibration: untimed warm-up steps, then timed steps until CALIBRATION_SECONDS have passed (at least
 # one step, at most CALIBRATION_STEPS).

@@ -4,7 +4,7 @@
 counts every pooled metric follows from (`ImageCounts`): pixel confusion at the threshold, vessel topology
 (clDice, Betti-0) and class-conditional histograms of the probabilities (AUC). Any set of images, each counted
 any number of times, is then scored from them without the model: what the bootstrap of retinaseg.stats does.
-README, "Metrics and statistics", gives each formula and its reference.
+docs/evaluation.md, "Metrics and statistics", gives each formula and its reference.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ class ImageCounts:
 
     def pooled(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """Every headline metric of the images, image i counted weights[..., i] times (weights (..., n)): each
-        array of shape weights.shape[:-1]. The AUC is the histograms' (README: within 1e-4 of the exact one)."""
+        array of shape weights.shape[:-1]. The AUC is the histograms' (docs/evaluation.md: within 1e-4 of the exact one)."""
         weights = np.asarray(weights, dtype=float)
         values = {**self.confusion.pooled(weights), **self.topology.pooled(weights)}
         if self.histograms is not None:

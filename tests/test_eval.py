@@ -106,7 +106,7 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
     assert observer["sensitivity"] == pytest.approx(0.7746, abs=5e-5) and observer["specificity"] == pytest.approx(
         0.9725, abs=5e-5
     )
-    # and its topology (README): clDice 0.7635, Betti-0 error 0.85 components per image.
+    # and its topology (docs/evaluation.md): clDice 0.7635, Betti-0 error 0.85 components per image.
     assert observer["cldice"] == pytest.approx(0.7635, abs=5e-5) and observer["betti0_error"] == pytest.approx(0.85)
 
 

@@ -107,7 +107,7 @@ def test_a_run_killed_mid_epoch_resumes_where_it_was_and_ends_as_if_never_killed
         )
         deadline = time.monotonic() + 300
         # Kill once epoch 0 is checkpointed and its training summary row is in the CSV: Lightning writes that
-        # row a moment after last.ckpt, and a kill in between loses it (a known gap, see README Troubleshooting).
+        # row a moment after last.ckpt, and a kill in between loses it (a known gap, see docs/troubleshooting.md).
         while (
             not (last.is_file() and "train/loss_epoch" in read_text_or_empty(run_dir / "csv" / "metrics.csv"))
             and process.poll() is None

@@ -1,6 +1,6 @@
 """A run's directory: the files a run leaves in it, which task's run it holds, and who may write into it.
 
-The rules (README, "Run directories"), enforced by `ClaimRunDirectory` before Hydra writes anything there:
+The rules (docs/troubleshooting.md, "Run directories"), enforced by `ClaimRunDirectory` before Hydra writes anything there:
 - a directory holds one run: a run of any task refuses a directory that already holds one, and one inside
   another run's directory (eval or predict never write into a training run); only `resume=<dir>` continues
   a training run in its own directory;
