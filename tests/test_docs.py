@@ -21,11 +21,15 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BASH_BLOCK = re.compile(r"^ *```bash\n(.*?)^ *```", re.S | re.M)
 PLACEHOLDER = re.compile(r"<[^<>\n]*>|(?<==)\.\.\.(?=\s|$)")
 DUMMY = "PLACEHOLDER"
+INLINE_COMMAND = re.compile(r"(?<!`)`((?:[A-Z_]+=\S+ )*python -m retinaseg\.[a-z][^`]*)`")
+# What a synopsis leaves out: any other overrides.
+ELIDED = ("-m", DUMMY, "...", "[overrides]")
 ENV_PREFIX = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 
 
 def shown_commands() -> list[tuple[str, str]]:
-    """(where, command line) of every `python -m retinaseg.<command>` in a bash block of README.md and docs/."""
+    """(where, command line) of every `python -m retinaseg.<command>` of README.md and docs/: each line of a bash
+    block, and each inline code span that starts with it."""
     found = []
     for page in PAGES:
         text = page.read_text()
@@ -36,6 +40,9 @@ def shown_commands() -> list[tuple[str, str]]:
                 for part in line.split("&&"):
                     if "python -m retinaseg." in part:
                         found.append((f"{page.relative_to(ROOT)}:{number}", part.strip()))
+        for span in INLINE_COMMAND.finditer(text):
+            number = text[: span.start()].count("\n") + 1
+            found.append((f"{page.relative_to(ROOT)}:{number}", " ".join(span.group(1).split())))
     return found
 
 
@@ -48,10 +55,10 @@ def command_and_overrides(line: str) -> tuple[str, list[str]]:
     command = tokens[2].removeprefix("retinaseg.")
     overrides = []
     for token in tokens[3:]:
+        if token in ELIDED:
+            continue
         if token.startswith("[") and token.endswith("]"):  # an optional setting of a synopsis: [split=test|val|all]
             token = token[1:-1].split("|")[0]
-        if token in ("-m", DUMMY):
-            continue
         if token.startswith("data=" + DUMMY):  # a dataset left to the reader
             token = "data=drive"
         overrides.append(token)
