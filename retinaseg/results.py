@@ -33,7 +33,7 @@ ROLES = ("reference", "best", "run")
 SCORERS = ("model", "second_observer")
 BEGIN, END = "<!-- results:begin (python -m retinaseg.results) -->", "<!-- results:end -->"
 # The metrics a table shows, in this order; a record keeps every pooled metric of its evaluation.
-SHOWN = ("f1", "auc", "accuracy", "sensitivity", "specificity")
+SHOWN = ("f1", "auc", "sensitivity", "specificity")
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]")
 
 
@@ -139,7 +139,8 @@ def record_of(cfg: DictConfig) -> Record:
         date=datetime.date.today().isoformat(),
         command=[command(eval_dir, "eval")],
         version=cfg.version or tracking.git_commit(),
-        machine=cfg.machine or tracking.device_description(torch.device("cpu")),
+        # A human annotator's scores depend on no machine.
+        machine=cfg.machine or (tracking.device_description(torch.device("cpu")) if cfg.scorer == "model" else "–"),
         dataset=metrics["dataset"],
         split=metrics["split"],
         n_images=metrics["n_images"],
@@ -158,7 +159,9 @@ def record_of(cfg: DictConfig) -> Record:
 def add(cfg: DictConfig) -> Path:
     record = record_of(cfg)
     path = RECORDS / f"{record.name}.yaml"
-    write_text(path, yaml.safe_dump(asdict(record), sort_keys=False, allow_unicode=True, width=120))
+    write_text(
+        path, yaml.safe_dump(asdict(record), sort_keys=False, allow_unicode=True, width=200, default_flow_style=None)
+    )
     log.info("wrote %s: render the pages with `python -m retinaseg.results`", path)
     return path
 

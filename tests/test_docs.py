@@ -156,12 +156,14 @@ def test_record_from_an_evaluation(tmp_path):
     ]
     assert (record.steps, record.wall_time_s, record.machine, record.version) == (640, 901, "M", "abc")
     assert record.metrics == {"f1": [0.82, 0.81, 0.83], "auc": [0.98, 0.97, 0.99]}
-    assert "| x | 0.8200<br>[0.8100, 0.8300] | 0.9800<br>[0.9700, 0.9900] | – | – | – | 640 | 15:01 | M |" in (
+    assert "| x | 0.8200<br>[0.8100, 0.8300] | 0.9800<br>[0.9700, 0.9900] | – | – | 640 | 15:01 | M |" in (
         results.table([record], ("reference",))
     )
     observer_record = results.record_of(OmegaConf.create({**settings, "scorer": "second_observer"}))
     assert observer_record.metrics == {"f1": [0.79, 0.78, 0.80]}
     assert (observer_record.steps, observer_record.wall_time_s) == (None, None)
+    unnamed = results.record_of(OmegaConf.create({**settings, "scorer": "second_observer", "machine": None}))
+    assert unnamed.machine == "–"
 
 
 def test_page_without_markers_is_refused():
