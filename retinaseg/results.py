@@ -150,6 +150,10 @@ def record_of(cfg: DictConfig) -> Record:
     if cfg.scorer == "model":
         checkpoint = Path(metrics["checkpoint"])
         run_dir = checkpoint.parent.parent
+        if not (checkpoint.is_file() and (run_dir / "train.log").is_file()):
+            raise DataError(
+                f"{checkpoint} or its run's train.log is gone: the record needs the training run's directory"
+            )
         record.command.insert(0, command(run_dir, "train"))
         record.steps = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
         record.wall_time_s = log_seconds(run_dir / "train.log")

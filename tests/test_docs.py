@@ -162,6 +162,9 @@ def test_record_from_an_evaluation(tmp_path):
     observer_record = results.record_of(OmegaConf.create({**settings, "scorer": "second_observer"}))
     assert observer_record.metrics == {"f1": [0.79, 0.78, 0.80]}
     assert (observer_record.steps, observer_record.wall_time_s) == (None, None)
+    (run / "train.log").unlink()
+    with pytest.raises(results.DataError, match="train.log is gone"):
+        results.record_of(OmegaConf.create({**settings, "scorer": "model"}))
     unnamed = results.record_of(OmegaConf.create({**settings, "scorer": "second_observer", "machine": None}))
     assert unnamed.machine == "–"
 
