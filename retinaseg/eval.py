@@ -153,9 +153,8 @@ def table(metrics: dict) -> str:
 
 def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray], samples: list[Sample]) -> None:
     """metrics.json, per_image.csv (and per_image_second_observer.csv), histograms.npz (inside and outside the FOV),
-    probabilities.npz and
-    predictions/<id>.png (0/255, zero outside the FOV): every number can be recomputed from them, and
-    retinaseg.compare needs only the first three. Each is written to a temporary name and renamed: a full disk
+    probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV): every number can be recomputed from
+    them, and retinaseg.compare needs only the first three. Each is written to a temporary name and renamed: a full disk
     never leaves a partial file under a real name."""
     write_text(output_dir / "metrics.json", json.dumps(scores.metrics, indent=2) + "\n")
     for name, rows in (("per_image.csv", scores.rows), ("per_image_second_observer.csv", scores.observer_rows)):

@@ -198,3 +198,39 @@ def test_a_threshold_is_chosen_only_on_the_same_checkpoints_training_images(tmp_
 def test_literature_entry_point_reports_a_missing_evaluation_in_one_line(tmp_path):
     result = run_entry_point("compare", ["literature=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode == 2 and "a=<eval dir> is missing" in result.stderr
+
+
+def test_a_threshold_chosen_on_validation_images_comes_from_the_validation_evaluation(tmp_path):
+    test = write_drive_like_evaluation(tmp_path / "test", "test", 3, 0)
+    val = write_drive_like_evaluation(tmp_path / "val", "val", 3, 1)
+    entry = {"id": "v", "source": "a paper", "model": "U-Net", "dataset": "drive", "split": "test"}
+    result = literature.parse(
+        {**entry, "protocol": "fov_pooled", "threshold": "validation", "metrics": {"f1": 0.8}}, "test"
+    )
+    rows = literature.report(str(test), None, str(val), tmp_path / "out", 0, 0, published=[result])
+    histograms = protocols.ImageHistograms.read(val).inside
+    chosen = protocols.edges(histograms)[protocols.best_f1_index(histograms, "pooled")]
+    assert rows[0].status == "scored" and rows[0].threshold == f"chosen on validation images ({chosen:.4f})"
+    test_histograms = protocols.ImageHistograms.read(test).inside
+    at_chosen = protocols.confusion_at(test_histograms, protocols.threshold_index(test_histograms, chosen))
+    assert rows[0].values["f1"].value == pytest.approx(protocols.confusion_scores(at_chosen, np.ones(3))["f1"])
+
+
+@pytest.mark.slow
+def test_literature_table_of_a_drive_checkpoint_as_a_user_types_it(drive_root, drive_checkpoint, tmp_path):
+    for split in ("test", "train"):
+        args = [f"ckpt_path={drive_checkpoint}", f"data.root={drive_root}", f"split={split}", "plot_images=0"]
+        result = run_entry_point("eval", [*args, "bootstrap=0", f"hydra.run.dir={tmp_path / split}"], tmp_path)
+        assert result.returncode == 0, result.stderr
+    train = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert train["split"] == "train" and train["n_images"] == 16  # DRIVE's 20 training images less 4 for validation
+    args = [f"a={tmp_path / 'test'}", f"train={tmp_path / 'train'}", "literature=true", "bootstrap=200"]
+    result = run_entry_point("compare", [*args, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(tmp_path / "out" / "literature.csv")
+    assert {row["id"] for row in rows} == {r.id for r in literature.load_published() if r.dataset == "drive"} | {
+        "diagnostic"
+    }
+    observer = next(row for row in rows if row["id"] == "bob-second-annotator-drive")
+    # bob.ip.binseg's second annotator, 0.788 as its mean F1 per image, measured here the same way.
+    assert "second observer measured here: F1 (Dice) 0.78" in observer["notes"]
