@@ -137,6 +137,8 @@ def test_eval_logs_topology_intervals_and_counts_to_wandb(drive_evaluation_wandb
         run.summary["test/cldice"] == metrics["cldice"] and run.summary["test/betti0_error"] == metrics["betti0_error"]
     )
     assert run.summary["test/ci95/f1/lo"] == metrics["ci95"]["f1"][0]
+    # The calibration error and its reliability diagram, beside the other plots.
+    assert run.summary["test/ece"] == metrics["ece"] and run.summary["plots/reliability/filenames"]
     assert (
         run.summary["test/second_observer/ci95/betti0_error/hi"]
         == metrics["second_observer"]["ci95"]["betti0_error"][1]
