@@ -1,4 +1,6 @@
 """`python -m retinaseg.compare a=<eval dir> b=<eval dir>`: is b better than a on the same images?
+`python -m retinaseg.compare a=<eval dir> literature=true [train=<eval dir>]`: a beside published results, each
+scored the way its paper scored (retinaseg.literature: literature.md, literature.csv).
 
 For each metric: a, b, b - a, the paired-bootstrap 95% interval of b - a and the two-sided p-value of a paired
 permutation test (retinaseg.stats.paired_comparison), recomputed without the models from what each evaluation
@@ -16,7 +18,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from retinaseg import config, stats
+from retinaseg import config, literature, stats
 from retinaseg.errors import ConfigError, DataError, check_bool, check_int, exit_on_user_error
 from retinaseg.metrics import DISPLAY, Histograms, ImageCounts
 from retinaseg.runs.safe_io import write_text
@@ -176,10 +178,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_with_literature(cfg: DictConfig) -> list[literature.Row]:
+    """`literature=true`: evaluation a beside the published results on its dataset (retinaseg.literature)."""
+    check_int("bootstrap", cfg.bootstrap, minimum=0)
+    check_int("seed", cfg.seed)
+    if cfg.a is None:
+        raise ConfigError(
+            "a=<eval dir> is missing: pass the run directory of the retinaseg.eval run to set beside the literature"
+        )
+    directories = (cfg.a, cfg.get("train"), cfg.get("val"))
+    return literature.report(*directories, Path(cfg.paths.output_dir), cfg.bootstrap, cfg.seed)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        compare(cfg)
+        check_bool("literature", cfg.literature)
+        if cfg.literature:
+            compare_with_literature(cfg)
+        else:
+            compare(cfg)
 
 
 if __name__ == "__main__":

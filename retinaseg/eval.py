@@ -1,4 +1,4 @@
-"""`python -m retinaseg.eval ckpt_path=<file.ckpt> [data=<dataset>] [split=test|val|all] [threshold=val] [tta=true]`:
+"""`python -m retinaseg.eval ckpt_path=<file.ckpt> [data=<dataset>] [split=test|val|train|all] [threshold=val] [tta=true]`:
 score a checkpoint by the DRIVE protocol (pooled over the FOV pixels of the split), on its own dataset or any
 other, and write what every number comes from."""
 
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
-from retinaseg import config, plots, tracking
+from retinaseg import calibration, config, plots, tracking
 from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data import sources
 from retinaseg.data.datamodule import FundusDataModule
@@ -25,7 +25,7 @@ from retinaseg.data.preprocess import Preprocessing, resize_probabilities
 from retinaseg.data.sample import Sample, fov_source
 from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
 from retinaseg.inference import Runtime, on_backend
-from retinaseg.metrics import DISPLAY, Scores, score
+from retinaseg.metrics import DISPLAY, Histograms, Scores, score
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.runs.safe_io import write_atomically, write_png, write_text
 from retinaseg.sweeps import in_multirun
@@ -33,7 +33,9 @@ from retinaseg.sweeps import in_multirun
 config.setup()
 log = logging.getLogger(__name__)
 
-SPLITS = ("test", "val", "all")
+# train: the images the checkpoint trained on (its own data settings), for thresholds chosen beforehand on them
+# (retinaseg.literature).
+SPLITS = ("test", "val", "train", "all")
 # The model's own preprocessing, always the checkpoint's (data.scale belongs to the dataset scored).
 MODEL_PREPROCESSING = ("mean", "std", "clahe")
 
@@ -142,13 +144,17 @@ def table(metrics: dict) -> str:
         + ("; p: paired permutation test" if resamples and "model_minus_second_observer" in metrics else ""),
         *("   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]),
     ]
+    if "ece" in metrics:
+        lines.append(
+            f"expected calibration error {metrics['ece']:.4f} ({calibration.ECE_BINS} equal-width bins, FOV pixels)"
+        )
     return "\n".join(lines)
 
 
 def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray], samples: list[Sample]) -> None:
-    """metrics.json, per_image.csv (and per_image_second_observer.csv), histograms.npz, probabilities.npz and
-    predictions/<id>.png (0/255, zero outside the FOV): every number can be recomputed from them, and
-    retinaseg.compare needs only the first three. Each is written to a temporary name and renamed: a full disk
+    """metrics.json, per_image.csv (and per_image_second_observer.csv), histograms.npz (inside and outside the FOV),
+    probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV): every number can be recomputed from
+    them, and retinaseg.compare needs only the first three. Each is written to a temporary name and renamed: a full disk
     never leaves a partial file under a real name."""
     write_text(output_dir / "metrics.json", json.dumps(scores.metrics, indent=2) + "\n")
     for name, rows in (("per_image.csv", scores.rows), ("per_image_second_observer.csv", scores.observer_rows)):
@@ -159,10 +165,19 @@ def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray]
             writer.writerows(rows)
             write_text(output_dir / name, table.getvalue())
     histograms = scores.counts.histograms
+    # The pixels outside the FOV too, in the same bins: papers that score whole images (retinaseg.protocols).
+    outside = Histograms.of(
+        [probs[s.id][~s.fov] for s in samples],
+        [s.label[~s.fov] > 0 for s in samples],
+        histograms.positive.shape[1],
+        histograms.logit_range,
+    )
     arrays = {
         "ids": np.array(scores.counts.ids),
         "positive": histograms.positive.astype(np.uint32),  # a count per image fits
         "negative": histograms.negative.astype(np.uint32),
+        "outside_positive": outside.positive.astype(np.uint32),
+        "outside_negative": outside.negative.astype(np.uint32),
         "logit_range": histograms.logit_range,
     }
     write_atomically(output_dir / "histograms.npz", lambda file: np.savez_compressed(file, **arrays))
@@ -172,21 +187,34 @@ def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray]
         write_png(output_dir / "predictions" / f"{s.id}.png", mask.astype(np.uint8) * 255)
 
 
+def fov_pixels(probs: dict[str, np.ndarray], samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities and labels of the FOV pixels of `samples`, pooled."""
+    fov_probs = torch.cat([torch.from_numpy(probs[s.id][s.fov]) for s in samples])
+    fov_labels = torch.cat([torch.from_numpy(s.label[s.fov]) for s in samples])
+    return fov_probs, fov_labels
+
+
 def draw_plots(
-    output_dir: Path, metrics: dict, probs: dict[str, np.ndarray], samples: list[Sample], num_images: int
+    output_dir: Path,
+    metrics: dict,
+    probs: dict[str, np.ndarray],
+    samples: list[Sample],
+    num_images: int,
+    reliability: calibration.Reliability,
 ) -> dict[str, Path]:
-    """plots/roc_pr.png of the split and plots/predictions.png of its first `num_images` images (none for 0)."""
+    """plots/roc_pr.png and plots/reliability.png of the split, and plots/predictions.png of its first
+    `num_images` images (none for 0)."""
     threshold = metrics["threshold"]
     points = {f"model at threshold {threshold:.3g}": metrics}
     if "second_observer" in metrics:
         points["second observer"] = metrics["second_observer"]
-    fov_probs = torch.cat([torch.from_numpy(probs[s.id][s.fov]) for s in samples])
-    fov_labels = torch.cat([torch.from_numpy(s.label[s.fov]) for s in samples])
+    fov_probs, fov_labels = fov_pixels(probs, samples)
     title = f"{metrics['split']} split, {len(samples)} images, FOV pixels pooled"
     figures = {
         "plots/roc_pr": plots.roc_pr_curves(
             fov_probs, fov_labels, metrics["auc"], points, output_dir / "plots" / "roc_pr.png", title
-        )
+        ),
+        "plots/reliability": plots.reliability_diagram(reliability, output_dir / "plots" / "reliability.png", title),
     }
     if num_images > 0:
         rows = [
@@ -248,7 +276,9 @@ def evaluate(cfg: DictConfig) -> dict:
         cfg.seed,
     )
     metrics = scores.metrics
+    reliability = calibration.Reliability.of(*(pixels.numpy() for pixels in fov_pixels(probs, samples)))
     metrics.update(
+        ece=reliability.ece,
         threshold=float(threshold),
         threshold_from="validation F1" if cfg.threshold == "val" else "fixed",
         region="fov",
@@ -263,7 +293,7 @@ def evaluate(cfg: DictConfig) -> dict:
         bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
     )
     write_outputs(output_dir, scores, probs, samples)
-    figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images)
+    figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images, reliability)
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
     tracking.log_evaluation(

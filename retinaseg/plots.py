@@ -1,4 +1,5 @@
-"""Figures of a run: training curves, an image | label | prediction | errors grid, ROC and PR curves.
+"""Figures of a run: training curves, an image | label | prediction | errors grid, ROC and PR curves, the
+reliability diagram.
 
 Figures are drawn on matplotlib's Agg canvas through `Figure` (not pyplot), so they never open a
 window, need no display and leave the caller's matplotlib state alone.
@@ -16,6 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from torchmetrics.functional.classification import binary_roc
 
+from retinaseg.calibration import Reliability
 from retinaseg.runs.safe_io import write_atomically
 
 # Error map colours, told apart also by red-green colour-blind readers.
@@ -162,6 +164,29 @@ def roc_pr_curves(
     for ax in (roc, pr):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right" if ax is roc else "lower left")
+    fig.suptitle(title)
+    return save(fig, path)
+
+
+def reliability_diagram(reliability: Reliability, path: str | Path, title: str) -> Path:
+    """Above: each bin's fraction of vessel pixels against its mean probability (on the diagonal where calibrated),
+    with the ECE; below: how many pixels each bin holds (log scale: most pixels are sure background)."""
+    edges, filled = reliability.edges, reliability.count > 0
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    fig = Figure(figsize=(5.5, 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    top.bar(centres[filled], reliability.frequency[filled], width=width, edgecolor="black", label="vessel fraction")
+    top.plot(
+        reliability.confidence[filled], reliability.frequency[filled], "o", color="C1", label="at mean probability"
+    )
+    top.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="calibrated")
+    top.set(ylabel="fraction of pixels that are vessel", xlim=(0, 1), ylim=(0, 1))
+    top.set_title(f"ECE {reliability.ece:.4f} ({len(reliability.count)} equal-width bins)")
+    top.legend(loc="upper left")
+    bottom.bar(centres[filled], reliability.count[filled], width=width, color="0.6", edgecolor="black")
+    bottom.set(xlabel="predicted vessel probability", ylabel="pixels", yscale="log")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
     fig.suptitle(title)
     return save(fig, path)
 

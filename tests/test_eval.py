@@ -14,6 +14,7 @@ from skimage.morphology import skeletonize
 from sklearn.metrics import f1_score, roc_auc_score
 
 from helpers import compose_config, read_split, wandb_runs
+from retinaseg import protocols
 from retinaseg.eval import evaluate
 from retinaseg.metrics import HEADLINE, REPORTED, Histograms
 
@@ -38,6 +39,7 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
     assert set(HEADLINE) - set(metrics["second_observer"]) == {"auc"}  # a binary mask has no ROC curve
     assert "second observer" in printed
     assert (directory / "plots" / "predictions.png").is_file() and (directory / "plots" / "roc_pr.png").is_file()
+    assert (directory / "plots" / "reliability.png").is_file() and "expected calibration error" in printed
 
     samples = read_split("drive", drive_root, "test")
     with open(directory / "per_image.csv", newline="") as file:
@@ -87,6 +89,21 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
         assert saved["ids"].tolist() == [s.id for s in samples]
         histograms = Histograms(saved["positive"], saved["negative"], float(saved["logit_range"]))
     assert histograms.pooled(np.ones(20))["auc"] == pytest.approx(exact_auc, abs=1e-4)
+    # Other papers' ways of scoring, from the histograms alone (outside the FOV too), give eval's own numbers.
+    saved = protocols.ImageHistograms.read(directory)
+    for name, expected in (
+        ("whole_image_pooled", metrics["whole_image"]),
+        ("fov_mean_per_image", metrics["per_image_mean"]),
+    ):
+        protocol = protocols.Protocol.named(name)
+        scored = saved.scored(protocol)
+        confusion = protocols.confusion_at(scored, protocols.threshold_index(scored, threshold))
+        values = protocols.score(confusion, scored, protocol.averaging, 0, 0)
+        assert values["f1"].value == pytest.approx(expected["f1"], abs=1e-4), name
+    # The expected calibration error of 15 equal-width bins, counted plainly.
+    bins = np.minimum((p * 15).astype(int), 14)
+    gaps = [abs(y[bins == b].mean() - p[bins == b].mean()) * (bins == b).sum() for b in range(15) if (bins == b).any()]
+    assert metrics["ece"] == pytest.approx(sum(gaps) / len(p), abs=1e-7)
 
     # Every headline number has a 95% interval that contains it, the second observer's too.
     assert metrics["bootstrap"] == {"resamples": 2000, "seed": 0, "level": 0.95}
@@ -120,6 +137,8 @@ def test_eval_logs_topology_intervals_and_counts_to_wandb(drive_evaluation_wandb
         run.summary["test/cldice"] == metrics["cldice"] and run.summary["test/betti0_error"] == metrics["betti0_error"]
     )
     assert run.summary["test/ci95/f1/lo"] == metrics["ci95"]["f1"][0]
+    # The calibration error and its reliability diagram, beside the other plots.
+    assert run.summary["test/ece"] == metrics["ece"] and run.summary["plots/reliability/filenames"]
     assert (
         run.summary["test/second_observer/ci95/betti0_error/hi"]
         == metrics["second_observer"]["ci95"]["betti0_error"][1]
