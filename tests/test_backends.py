@@ -74,6 +74,7 @@ def test_unknown_backend_or_precision_is_refused(net, backend, precision):
         on_backend(net, backend, precision)
 
 
+@pytest.mark.slow
 def test_eval_on_openvino_gives_the_metrics_of_torch(openvino, drive_root, drive_checkpoint, tmp_path):
     results = {}
     for backend in ("torch", "openvino"):
@@ -89,6 +90,7 @@ def test_eval_on_openvino_gives_the_metrics_of_torch(openvino, drive_root, drive
     assert max(np.abs(torch_probs[k] - openvino_probs[k]).max() for k in torch_probs.files) < 1e-3
 
 
+@pytest.mark.slow
 def test_predict_on_openvino_writes_the_maps_of_torch(openvino, drive_root, drive_checkpoint, tmp_path):
     photo = sorted((drive_root / "test" / "images").iterdir())[0]
     for backend in ("torch", "openvino"):

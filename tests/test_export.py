@@ -29,6 +29,7 @@ def weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["probabilities", "logits"])
 def test_onnx_model_computes_what_torch_computes_at_any_size(weights, tmp_path, output):
     pytest.importorskip("openvino")
@@ -78,6 +79,7 @@ def test_export_never_overwrites_and_checks_its_settings(weights, tmp_path):
         export(compose_config("export", [f"ckpt_path={weights}", "format=tflite"], tmp_path))
 
 
+@pytest.mark.slow
 def test_the_command_prints_only_what_it_wrote(weights, tmp_path):
     # torch's exporter otherwise logs a line per folded constant, per torchvision operator it skips, and more.
     result = run_entry_point("export", [f"ckpt_path={weights}", f"file={tmp_path / 'mine.onnx'}"], tmp_path)
