@@ -272,8 +272,8 @@ class CountTestImages(L.Callback):
 class LogProgress(L.Callback):
     """Where stdout is not a terminal (a log file, nohup, a SLURM job), where the progress bar shows nothing until
     an epoch ends, logs a line at least every `interval_s` seconds of training:
-    `training: 120/640 steps, 2.1 steps/s, 4:02 left; epoch 3, loss 0.4321` (epochs counted from 0, as logged). The time left counts validations at the pace
-    seen so far. `on_terminal`: log these lines on a terminal too."""
+    `training: 120/640 steps, 2.1 steps/s, 4:02 left; epoch 3, loss 0.4321` (epochs counted from 0, as logged).
+    The time left counts validations at the pace seen so far. `on_terminal`: log these lines on a terminal too."""
 
     def __init__(self, interval_s: float = INTERVAL_S, on_terminal: bool = False):
         self.interval_s, self.on_terminal = interval_s, on_terminal
