@@ -76,14 +76,14 @@ def train(cfg: DictConfig) -> float | None:
     """Fit and test as configured; return the value of `cfg.optimized_metric` for sweepers."""
     started = time.perf_counter()
     seed, test = check_int("seed", cfg.seed), check_bool("test", cfg.get("test", False))
-    L.seed_everything(seed, workers=True)
     run_dir = RunDir(cfg.paths.output_dir)
     start = plan_start(cfg, run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     # Lists the images the run uses (reads none): a missing or misplaced dataset, or a split it cannot make, is
-    # reported before Lightning starts.
+    # reported before Lightning says anything.
     for part in ("train", "test") if test else ("train",):
         datamodule.ids(part)
+    L.seed_everything(seed, workers=True)
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     lift_time_stop(cfg)
     if cfg.trainer.get("budget") is not None:

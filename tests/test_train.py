@@ -62,7 +62,8 @@ def test_missing_drive_is_one_clear_message(tmp_path):
     # Once: one line on stderr, the same line in the run's log, nothing on stdout; reported before Lightning
     # prints its banner.
     (line,) = error_lines(result.stderr)
-    assert str(missing) not in result.stdout and "GPU available" not in result.stdout + result.stderr
+    assert str(missing) not in result.stdout
+    assert "GPU available" not in result.stdout + result.stderr and "Seed set" not in result.stdout + result.stderr
     assert line in (tmp_path / "run" / "train.log").read_text()
 
 
