@@ -30,6 +30,7 @@ def openvino():
 
 
 # fp32 is the contract; bf16 trades exactness for speed (differences up to ~0.1 seen on a trained model).
+@pytest.mark.slow
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-3), ("bf16", 0.1)])
 def test_openvino_probabilities_match_torch(openvino, net, precision, tolerance):
     runtime = on_backend(net, "openvino", precision)
@@ -50,6 +51,7 @@ def test_torch_bf16_runs_under_autocast(net):
     assert probs.dtype == torch.float32 and (probs - predict_probabilities(net, images)).abs().max() < 0.1
 
 
+@pytest.mark.slow
 def test_auto_chooses_a_backend_by_timing_it(openvino, net, caplog):
     caplog.set_level("INFO", logger="retinaseg.inference")
     runtime = on_backend(net, "auto")
