@@ -6,19 +6,23 @@
 - `TrimLogsOnResume`: csv/metrics.csv without the rows a resumed run logs again;
 - `KeepWandbRun`: the W&B run's id and group in every checkpoint (a continued training logs to the same run);
 - `PlotsCallback`: the run's figures;
-- `CountTestImages`: test_counts.npz, what a cross-validation sweep pools (retinaseg.sweeps).
+- `CountTestImages`: test_counts.npz, what a cross-validation sweep pools (retinaseg.sweeps);
+- `LogProgress`: a progress line in the log where stdout is not a terminal;
+- `RecordSteps`: the steps trained against those planned, and what stopped the run short of them.
 """
 
 import contextlib
+import dataclasses
 import functools
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,6 +31,7 @@ from retinaseg import plots
 from retinaseg.checkpoint import WANDB_GROUP_KEY, WANDB_RUN_ID_KEY
 from retinaseg.errors import DivergedError
 from retinaseg.metrics import ImageCounts, count_images
+from retinaseg.progress import INTERVAL_S, Pace, on_terminal
 from retinaseg.runs.metrics_csv import MetricsCSVLogger
 from retinaseg.runs.rundir import RunDir
 from retinaseg.runs.safe_io import write_atomically
@@ -262,3 +267,81 @@ class CountTestImages(L.Callback):
                 unique.setdefault(c.ids[0], c)
             pooled = functools.reduce(ImageCounts.concatenate, unique.values())
             write_atomically(self.path, pooled.save)
+
+
+class LogProgress(L.Callback):
+    """Where stdout is not a terminal (a log file, nohup, a SLURM job), where the progress bar shows nothing until
+    an epoch ends, logs a line at least every `interval_s` seconds of training:
+    `training: 120/640 steps, 2.1 steps/s, 4:02 left; epoch 3, loss 0.4321` (epochs counted from 0, as logged).
+    The time left counts validations at the pace seen so far. `on_terminal`: log these lines on a terminal too."""
+
+    def __init__(self, interval_s: float = INTERVAL_S, on_terminal: bool = False):
+        self.interval_s, self.on_terminal = interval_s, on_terminal
+        self.pace: Pace | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        active = trainer.is_global_zero and (self.on_terminal or not on_terminal())
+        self.pace = Pace(planned_steps(trainer), self.interval_s, trainer.global_step) if active else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.pace is not None and self.pace.due():
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) and "loss" in outputs else float("nan")
+            progress = self.pace.report(trainer.global_step, "steps")
+            log.info("training: %s; epoch %d, loss %.4f", progress, trainer.current_epoch, loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepsRecord:
+    """How far a training run got: optimizer steps done, those planned (max_steps, or max_epochs' worth), and, for a
+    run stopped short of them, why."""
+
+    steps: int
+    planned_steps: int | None  # None: no step or epoch limit (trainer.max_time alone ends the run)
+    stopped_by: str | None  # None: every planned step was trained
+
+    @property
+    def complete(self) -> bool:
+        return self.stopped_by is None
+
+
+class RecordSteps(L.Callback):
+    """At the end of training, `record` (a StepsRecord): the steps done against those planned. A run cut short
+    (trainer.max_time, early stopping, or another callback's stop) says so in the log, as a warning naming the
+    cause, and in the W&B run's summary (`train/steps`, `train/planned_steps`, `train/stopped_by`); retinaseg.train
+    writes it into metrics.json."""
+
+    def __init__(self):
+        self.planned: int | None = None
+        self.record: StepsRecord | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.planned = planned_steps(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps = trainer.global_step
+        stopped_by = None if self.planned is None or steps >= self.planned else stop_cause(trainer)
+        self.record = StepsRecord(steps, self.planned, stopped_by)
+        if stopped_by is not None:
+            log.warning("training stopped after %d of its %d planned steps: %s", steps, self.planned, stopped_by)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.summary.update(
+                    {"train/steps": steps, "train/planned_steps": self.planned, "train/stopped_by": stopped_by}
+                )
+
+
+def planned_steps(trainer: L.Trainer) -> int | None:
+    """The optimizer steps a fit is set to train (max_steps, or max_epochs of its batches); None for no limit."""
+    planned = trainer.estimated_stepping_batches
+    return None if math.isinf(planned) else int(planned)
+
+
+def stop_cause(trainer: L.Trainer) -> str:
+    """Why training ended before its planned steps, as far as Lightning's public callbacks tell."""
+    for callback in trainer.callbacks:
+        remaining = callback.time_remaining() if isinstance(callback, Timer) else None
+        if remaining is not None and remaining <= 0:
+            return f"trainer.max_time reached ({callback.time_elapsed():.0f} s of training)"
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch > 0:
+            return f"early stopping on {callback.monitor} at epoch {callback.stopped_epoch}"
+    return "a callback stopped training (trainer.should_stop)"

@@ -108,6 +108,28 @@ def describe_threshold(metrics: dict) -> str:
     return rule if metrics["threshold_from"] == "fixed" else f"{rule} ({metrics['threshold']:.4f})"
 
 
+# What says how an evaluation was made, in comparison.md's and .json's description of a and b: (name, how it is read
+# from metrics.json). An older metrics.json without an entry shows null.
+SETTINGS = (
+    ("checkpoint", lambda m: m.get("checkpoint")),
+    ("dataset", lambda m: m.get("dataset")),
+    ("split", lambda m: m.get("split")),
+    ("images", lambda m: m.get("n_images")),
+    ("threshold", describe_threshold),
+    ("tta", lambda m: m.get("tta")),
+    ("backend", lambda m: (m.get("inference") or {}).get("backend")),
+    ("precision", lambda m: (m.get("inference") or {}).get("precision")),
+    ("inference", lambda m: (m.get("inference") or {}).get("mode")),
+    ("scale", lambda m: m.get("scale")),
+    ("fov", lambda m: m.get("fov")),
+)
+
+
+def describe(metrics: dict) -> dict:
+    """How an evaluation was made (SETTINGS), from its metrics.json."""
+    return {name: read(metrics) for name, read in SETTINGS}
+
+
 def compare(cfg: DictConfig) -> dict:
     """Compare evaluation b with evaluation a; write comparison.json and comparison.md; return the former's content."""
     check_int("bootstrap", cfg.bootstrap, minimum=0)
@@ -127,11 +149,15 @@ def compare(cfg: DictConfig) -> dict:
     n = len(counts_a.ids)
     both = ImageCounts.concatenate(counts_a, counts_b)
     differences = stats.paired_comparison(both.pooled, n, cfg.bootstrap, cfg.seed)
+    settings_a, settings_b = describe(a.metrics), describe(b.metrics)
     result = {
         "a": str(a.directory.resolve()),
         "b": str(b.directory.resolve()),
         "threshold_a": describe_threshold(a.metrics),
         "threshold_b": describe_threshold(b.metrics),
+        "settings": {"a": settings_a, "b": settings_b},
+        # What tells a and b apart: the settings they were evaluated with that differ.
+        "differs_in": [name for name in settings_a if settings_a[name] != settings_b[name]],
         "images": list(counts_a.ids),
         "n_images": n,
         "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
@@ -146,6 +172,13 @@ def compare(cfg: DictConfig) -> dict:
     return result
 
 
+def shown(value) -> str:
+    """A setting as comparison.md's table shows it (a path in code font, null as -)."""
+    if value is None:
+        return "-"
+    return f"`{value}`" if isinstance(value, str) and "/" in value else str(value)
+
+
 def markdown(result: dict) -> str:
     """comparison.md: what was compared and one table row per metric."""
     resamples = result["bootstrap"]["resamples"]
@@ -154,12 +187,21 @@ def markdown(result: dict) -> str:
         "",
         f"- a: `{result['a']}`, threshold {result['threshold_a']}",
         f"- b: `{result['b']}`, threshold {result['threshold_b']}",
-        f"- {result['n_images']} images; FOV pixels pooled; AUC from the evaluations' histograms",
+        "- a and b differ in: " + (", ".join(result["differs_in"]) or "nothing but the directory they were written to"),
+        f"- {result['n_images']} images paired; FOV pixels pooled; AUC from the evaluations' histograms",
         (
             f"- 95% interval: paired bootstrap over images ({resamples} resamples); p: two-sided paired permutation "
             f"test ({resamples} random swaps of a and b per image); seed {result['bootstrap']['seed']}"
             if resamples
             else "- no intervals (bootstrap=0)"
+        ),
+        "",
+        "| setting | a | b | differs |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {name} | {shown(value)} | {shown(result['settings']['b'][name])} | "
+            f"{'yes' if name in result['differs_in'] else ''} |"
+            for name, value in result["settings"]["a"].items()
         ),
         "",
         "| metric | a | b | b - a | 95% interval of b - a | p |",

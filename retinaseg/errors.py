@@ -2,7 +2,8 @@
 
 A `UserError` says what is wrong, where, and what to do. Entry points (and the Hydra callbacks they run)
 wrap their work in `exit_on_user_error`, the one place that turns it into one line `error: <message>` on
-stderr and exit status 2. Anything else is a bug and keeps its traceback.
+stderr (the same line goes into the run's log file, not to the console a second time) and exit status 2.
+Anything else is a bug and keeps its traceback.
 """
 
 import contextlib
@@ -48,16 +49,27 @@ def user_error_of(error: BaseException) -> UserError | None:
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Report a UserError raised inside as one line `error: ...` on stderr (and in the log), exit with status 2."""
+    """Report a UserError raised inside as one line `error: ...` on stderr (and in the run's log file), exit with
+    status 2."""
     try:
         yield
     except Exception as error:
         found = user_error_of(error)
         if found is None:
             raise
-        log.error("%s", found)
-        print(f"error: {found}", file=sys.stderr)
+        line = f"error: {found}"
+        log_to_files(logging.ERROR, line)
+        print(line, file=sys.stderr)
         sys.exit(EXIT_STATUS)
+
+
+def log_to_files(level: int, message: str) -> None:
+    """`message` to the log files of the root logger's handlers (the run's `<task>.log`) only: the console
+    already shows it on stderr."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 # Checks of settings, used where each setting is read: each returns the value or raises a ConfigError

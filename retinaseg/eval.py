@@ -14,7 +14,6 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import track
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
 from retinaseg import calibration, config, plots, tracking
@@ -27,6 +26,7 @@ from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, c
 from retinaseg.inference import Runtime, on_backend
 from retinaseg.metrics import DISPLAY, Histograms, Scores, score
 from retinaseg.module import VesselSegmentationModule
+from retinaseg.progress import tracked
 from retinaseg.runs.safe_io import write_atomically, write_png, write_text
 from retinaseg.sweeps import in_multirun
 
@@ -78,7 +78,7 @@ def predict_samples(
     settings on `runtime`."""
     device = module.device
     probs = {}
-    for sample in track(samples, description=f"predicting {what}", transient=True):
+    for sample in tracked(samples, f"predicting {what}"):
         image = preprocessing.tensor(sample.image)[None].to(device)
         prob = resize_probabilities(module.predict_probabilities(image, tta, runtime), sample.label.shape)
         probs[sample.id] = prob[0, 0].cpu().numpy()
@@ -209,7 +209,11 @@ def draw_plots(
     if "second_observer" in metrics:
         points["second observer"] = metrics["second_observer"]
     fov_probs, fov_labels = fov_pixels(probs, samples)
-    title = f"{metrics['split']} split, {len(samples)} images, FOV pixels pooled"
+    title = (
+        f"{metrics['dataset']} {metrics['split']} split, {len(samples)} images, FOV pixels pooled, "
+        f"{plots.inference_words(metrics['tta'])}; operating point: probability > {threshold:.3g} "
+        f"(threshold: {metrics['threshold_from']})"
+    )
     figures = {
         "plots/roc_pr": plots.roc_pr_curves(
             fov_probs, fov_labels, metrics["auc"], points, output_dir / "plots" / "roc_pr.png", title
@@ -221,7 +225,9 @@ def draw_plots(
             {"id": s.id, "image": s.image, "label": s.label, "fov": s.fov, "prob": probs[s.id]}
             for s in samples[:num_images]
         ]
-        figures["plots/predictions"] = plots.results_grid(rows, threshold, output_dir / "plots" / "predictions.png")
+        figures["plots/predictions"] = plots.results_grid(
+            rows, threshold, output_dir / "plots" / "predictions.png", metrics["tta"]
+        )
     return figures
 
 

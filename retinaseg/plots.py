@@ -6,7 +6,9 @@ window, need no display and leave the caller's matplotlib state alone.
 """
 
 import csv
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -30,6 +32,9 @@ CURVES = (
     ("precision", "train/precision", "val/precision"),
     ("F1", "train/f1", "val/f1"),
 )
+# The training loss as logged every trainer.log_every_n_steps steps, drawn in the loss panel.
+STEP_LOSS = "train/loss_step"
+MAX_EPOCH_TICKS = 12  # epoch ends marked on the curves' top axis (every few epochs in a longer run)
 CURVE_POINTS = 2000  # points drawn per curve: plenty for the eye, cheap for the file
 
 
@@ -37,35 +42,61 @@ def save(fig: Figure, path: str | Path) -> Path:
     return write_atomically(path, lambda file: fig.savefig(file, format="png", dpi=100, bbox_inches="tight"))
 
 
-def epoch_values(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
-    """Per column of a Lightning metrics.csv, its value at each epoch (the epoch's last logged one)."""
+@dataclass(frozen=True)
+class LoggedValues:
+    """What a Lightning metrics.csv holds for curves: per column, its value at each step it was logged (the last one
+    logged at that step), and the last step logged in each epoch."""
+
+    values: dict[str, dict[int, float]]
+    epoch_ends: dict[int, int]
+
+
+def logged_values(metrics_csv: str | Path) -> LoggedValues:
     values: dict[str, dict[int, float]] = {}
+    epoch_ends: dict[int, int] = {}
     with open(metrics_csv, newline="") as file:
         for row in csv.DictReader(file):
             if not row.get("epoch"):
                 continue
-            epoch = int(float(row["epoch"]))
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value:
-                    values.setdefault(key, {})[epoch] = float(value)
-    return values
+            epoch, step = int(float(row["epoch"])), int(float(row["step"]))
+            logged = {key: float(value) for key, value in row.items() if key not in ("epoch", "step") and value}
+            for key, value in logged.items():
+                values.setdefault(key, {})[step] = value
+            if any(key.startswith(("train/", "val/")) for key in logged):  # not the test's rows, after the last epoch
+                epoch_ends[epoch] = max(step, epoch_ends.get(epoch, step))
+    return LoggedValues(values, epoch_ends)
 
 
 def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
-    """Loss, recall, precision and F1 per epoch, train and validation (the original's metrics.jpg)."""
-    values = epoch_values(metrics_csv)
+    """Loss, recall, precision and F1 against optimizer steps, train and validation (the original's metrics.jpg),
+    the training loss also as logged every few steps; the top axis marks the end of each epoch (of every few,
+    for long runs)."""
+    logged = logged_values(metrics_csv)
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     for ax, (title, train_key, val_key) in zip(fig.subplots(2, 2).flat, CURVES):
-        for key, label in ((train_key, "train"), (val_key, "validation")):
-            points = sorted(values.get(key, {}).items())
+        lines = [(train_key, "train", "C0"), (val_key, "validation", "C1")]
+        if title == "loss":
+            lines.insert(0, (STEP_LOSS, "train, every few steps", "C0"))
+        for key, label, colour in lines:
+            points = sorted(logged.values.get(key, {}).items())
             if points:
-                epochs, ys = zip(*points)
-                ax.plot([e + 1 for e in epochs], ys, marker="o", markersize=3, label=label)
+                steps, ys = zip(*points)
+                style = {"linewidth": 0.8, "alpha": 0.5} if key == STEP_LOSS else {"marker": "o", "markersize": 3}
+                # A row's step counts the steps before it: +1 gives the optimizer steps done when it was logged.
+                ax.plot([s + 1 for s in steps], ys, label=label, color=colour, **style)
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimizer steps")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
+        if logged.epoch_ends:
+            every = max(1, math.ceil(len(logged.epoch_ends) / MAX_EPOCH_TICKS))
+            ends = sorted(logged.epoch_ends.items())[every - 1 :: every]
+            top = ax.secondary_xaxis("top")
+            top.set_xticks([step + 1 for _, step in ends], [str(epoch + 1) for epoch, _ in ends])
+            top.set_xlabel("end of epoch", fontsize=9)
+            top.tick_params(labelsize=8)
     fig.suptitle("Training curves (metrics inside the FOV)")
     return save(fig, path)
 
@@ -94,11 +125,17 @@ def displayable(image: np.ndarray | torch.Tensor, size: Sequence[int] | None = N
     return image
 
 
-def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path) -> Path:
+def inference_words(tta: bool) -> str:
+    """How the probabilities were made, for titles."""
+    return "flip TTA" if tta else "no TTA"
+
+
+def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path, tta: bool = False) -> Path:
     """One row per image: image | label | prediction | error map (the original's results.jpg, plus errors).
 
     Each row is a mapping with id, image ((H, W, 3) uint8 or a normalised (3, H, W) tensor), label, fov
-    and prob ((H, W) arrays); the prediction is prob > threshold inside the FOV.
+    and prob ((H, W) arrays); the prediction is prob > threshold inside the FOV. `tta`: whether the probabilities
+    were averaged over flips (said in the title).
     """
     fig = Figure(figsize=(12, 3.2 * len(rows)), layout="constrained")
     axes = np.asarray(fig.subplots(len(rows), 4, squeeze=False))
@@ -122,7 +159,9 @@ def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path) ->
         for c, name in ((TP_COLOUR, "true positive"), (FP_COLOUR, "false positive"), (FN_COLOUR, "false negative"))
     ]
     fig.legend(handles=legend, loc="outside lower center", ncols=3, facecolor="0.8")
-    fig.suptitle(f"Image | label | prediction at threshold {threshold:.3g} | errors inside the FOV")
+    fig.suptitle(
+        f"Image | label | prediction: probability > {threshold:.3g} inside the FOV ({inference_words(tta)}) | errors"
+    )
     return save(fig, path)
 
 
@@ -153,9 +192,20 @@ def roc_pr_curves(
     precision, recall = tp[predicted] / (tp + fp)[predicted], tpr[predicted]
     fig = Figure(figsize=(11, 5), layout="constrained")
     roc, pr = fig.subplots(1, 2)
+    # A logarithmic false-positive axis: vessel maps are read at FPR < 0.1 (specificity > 0.9), which a linear axis
+    # squeezes into its first tenth. It starts at one false pixel (FPR 0 has no place on it), or 1e-4.
+    lowest = max(1e-4, 1 / max(1, len(labels) - int(positives)))
     roc.plot(*_thin(fpr, tpr), label=f"model (AUC {auc:.4f})")
-    roc.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
-    roc.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)", title="ROC")
+    chance = np.logspace(np.log10(lowest), 0, 100)
+    roc.plot(chance, chance, color="0.6", linestyle="--", linewidth=1, label="chance")
+    roc.set(
+        xlabel="false positive rate (1 - specificity), log scale",
+        ylabel="true positive rate (sensitivity)",
+        title="ROC",
+        xscale="log",
+        xlim=(lowest, 1),
+        ylim=(0, 1.02),
+    )
     pr.plot(*_thin(recall, precision), label="model")
     pr.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.02))
     for (name, p), marker in zip(points.items(), "os^D"):
@@ -163,7 +213,7 @@ def roc_pr_curves(
         pr.plot(p["sensitivity"], p["precision"], marker, markersize=8, label=name)
     for ax in (roc, pr):
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right" if ax is roc else "lower left")
+        ax.legend(loc="upper left" if ax is roc else "lower left")
     fig.suptitle(title)
     return save(fig, path)
 

@@ -2,10 +2,14 @@
 vessel maps of fundus photographs of any size, with the checkpoint's own model and preprocessing (retinaseg.data.preprocess).
 
 For each photograph `<stem>.<ext>` it writes `<stem>_prob.png` (probability x 255), `<stem>_mask.png`
-(0/255) and `<stem>_overlay.png` (vessels and the FOV outline drawn over the photograph).
+(0/255) and `<stem>_overlay.png` (vessels and the FOV outline drawn over the photograph), and predictions.csv: a
+row per photograph, written or skipped and why. In a folder, a photograph that cannot be read (or has no usable
+FOV mask) is skipped with a warning; the run fails (exit status 2) only when none could be segmented.
 """
 
+import csv
 import dataclasses
+import io
 import logging
 from pathlib import Path
 
@@ -13,7 +17,6 @@ import cv2
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import track
 
 from retinaseg import config
 from retinaseg.checkpoint import load_checkpoint, resolve_device
@@ -25,16 +28,19 @@ from retinaseg.data.preprocess import (
     read_photograph,
     resize_probabilities,
 )
-from retinaseg.errors import ConfigError, DataError, check_bool, check_number, exit_on_user_error
+from retinaseg.errors import ConfigError, DataError, UserError, check_bool, check_number, exit_on_user_error
 from retinaseg.inference import on_backend
+from retinaseg.progress import tracked
 from retinaseg.runs.rundir import RunDir
-from retinaseg.runs.safe_io import write_png
+from retinaseg.runs.safe_io import write_png, write_text
 
 config.setup()
 log = logging.getLogger(__name__)
 
 # What predict writes for each photograph <stem>.<ext>.
 OUTPUTS = ("{}_prob.png", "{}_mask.png", "{}_overlay.png")
+# What predict writes once per run: each photograph, written or skipped, and why.
+REPORT = "predictions.csv"
 # Names a FOV mask of `<stem>.<ext>` may have in a fov=<folder>, in order of preference.
 MASK_STEMS = ("{}", "{}_mask", "{}_fov")
 VESSEL_COLOUR, FOV_COLOUR = np.array([0, 255, 0]), (0, 160, 255)
@@ -104,9 +110,8 @@ def output_folder(output_dir: str, photos: list[Path]) -> Path:
     folder = Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output_dir={folder} is a file: pass a folder (it is made if it does not exist).")
-    existing = [
-        folder / name.format(p.stem) for p in photos for name in OUTPUTS if (folder / name.format(p.stem)).exists()
-    ]
+    names = [name.format(p.stem) for p in photos for name in OUTPUTS] + [REPORT]
+    existing = [folder / name for name in names if (folder / name).exists()]
     if existing:
         shown = ", ".join(p.name for p in existing[:3]) + (
             f" and {len(existing) - 3} more" if len(existing) > 3 else ""
@@ -117,6 +122,24 @@ def output_folder(output_dir: str, photos: list[Path]) -> Path:
         )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A row of predictions.csv."""
+
+    photograph: str
+    status: str  # written or skipped
+    mask: str  # the vessel mask written, or empty
+    reason: str  # why it was skipped, or empty
+
+
+def write_report(path: Path, outcomes: list[Outcome]) -> None:
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=[field.name for field in dataclasses.fields(Outcome)])
+    writer.writeheader()
+    writer.writerows(dataclasses.asdict(outcome) for outcome in outcomes)
+    write_text(path, table.getvalue())
 
 
 def predict(cfg: DictConfig) -> list[Path]:
@@ -142,10 +165,17 @@ def predict(cfg: DictConfig) -> list[Path]:
         "segmenting %d photograph(s) on %s at threshold %.3g into %s", len(photos), module.device, threshold, output_dir
     )
 
-    written = []
-    for photo in track(photos, description="segmenting", disable=len(photos) == 1):
-        image = read_photograph(photo.read_bytes(), str(photo))
-        fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
+    written, outcomes = [], []
+    for photo in tracked(photos, "segmenting", unit="photographs"):
+        try:
+            image = read_photograph(photo.read_bytes(), str(photo))
+            fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
+        except UserError as error:
+            if Path(cfg.input).expanduser().is_file():  # the one photograph asked for: nothing else to do
+                raise
+            log.warning("skipping %s: %s", photo.name, error)
+            outcomes.append(Outcome(photo.name, "skipped", "", str(error)))
+            continue
         x = preprocessing.tensor(image)[None].to(module.device)
         prob = module.predict_probabilities(x, tta, runtime)
         prob = resize_probabilities(prob, image.shape[:2])[0, 0].cpu().numpy() * fov
@@ -155,7 +185,20 @@ def predict(cfg: DictConfig) -> list[Path]:
         write_png(mask_path, mask.astype(np.uint8) * 255)
         write_png(overlay_path, overlay(image, mask, fov))
         written.append(mask_path)
-    log.info("wrote %d vessel map(s) to %s", len(written), output_dir)
+        outcomes.append(Outcome(photo.name, "written", mask_path.name, ""))
+    write_report(output_dir / REPORT, outcomes)
+    skipped = [outcome for outcome in outcomes if outcome.status == "skipped"]
+    if not written:
+        raise DataError(
+            f"none of the {len(photos)} photographs of input={cfg.input} could be segmented ({REPORT} in "
+            f"{output_dir} says why of each); the first: {skipped[0].reason}"
+        )
+    log.info(
+        "wrote %d vessel map(s) to %s%s",
+        len(written),
+        output_dir,
+        f"; skipped {len(skipped)} photograph(s), listed with the reason in {REPORT}" if skipped else "",
+    )
     return written
 
 

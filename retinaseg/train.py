@@ -1,12 +1,14 @@
 """`python -m retinaseg.train [overrides]`: compose conf/train.yaml, fit, then test the best checkpoint."""
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -14,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retinaseg import config
 from retinaseg.budget import budget_steps
-from retinaseg.callbacks import exit_on_sigterm
+from retinaseg.callbacks import RecordSteps, exit_on_sigterm
 from retinaseg.data.sample import fov_source
 from retinaseg.errors import ConfigError, check_bool, check_int, exit_on_user_error, user_error_of
 from retinaseg.metrics import reported
@@ -49,15 +51,41 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         raise
 
 
+def on_command_line(key: str) -> bool:
+    """Whether the Hydra job's command line sets `key` (`trainer.max_time=...`); False outside a Hydra app."""
+    if not HydraConfig.initialized():
+        return False
+    return any(override.lstrip("+~").split("=", 1)[0] == key for override in HydraConfig.get().overrides.task)
+
+
+def lift_time_stop(cfg: DictConfig) -> None:
+    """With trainer.max_steps given, the run trains exactly those steps on any machine (how a budgeted run is
+    rerun): an experiment's trainer.max_time, a stop by wall time, is lifted unless the command line sets it too."""
+    max_steps, max_time = cfg.trainer.get("max_steps", -1), cfg.trainer.get("max_time")
+    if max_steps is not None and max_steps > 0 and max_time is not None and not on_command_line("trainer.max_time"):
+        log.info(
+            "trainer.max_steps=%d is given: trainer.max_time=%s is lifted, so that every step is trained "
+            "(set trainer.max_time on the command line to keep a time stop)",
+            max_steps,
+            max_time,
+        )
+        cfg.trainer.max_time = None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit and test as configured; return the value of `cfg.optimized_metric` for sweepers."""
     started = time.perf_counter()
     seed, test = check_int("seed", cfg.seed), check_bool("test", cfg.get("test", False))
-    L.seed_everything(seed, workers=True)
     run_dir = RunDir(cfg.paths.output_dir)
     start = plan_start(cfg, run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    # Lists the images the run uses (reads none): a missing or misplaced dataset, or a split it cannot make, is
+    # reported before Lightning says anything.
+    for part in ("train", "test") if test else ("train",):
+        datamodule.ids(part)
+    L.seed_everything(seed, workers=True)
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    lift_time_stop(cfg)
     if cfg.trainer.get("budget") is not None:
         # A budgeted run is counted in optimizer steps; its config (and so the loggers) then holds the steps.
         cfg.trainer.max_steps = budget_steps(cfg, model, datamodule, start.ckpt_path, run_dir, started)
@@ -68,6 +96,7 @@ def train(cfg: DictConfig) -> float | None:
     start_tracking(trainer.loggers, cfg, parameters, start.wandb_run_id)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=start.ckpt_path)
+    steps = next((c.record for c in trainer.callbacks if isinstance(c, RecordSteps)), None)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     if (
         checkpoint is not None
@@ -93,7 +122,13 @@ def train(cfg: DictConfig) -> float | None:
             "dataset": datamodule.hparams.dataset,
             "fov": fov_source(datamodule.test_samples),
             "scale": datamodule.preprocessing.scale,
+            # How the test ran (eval's metrics.json has the same entry): in the trainer's precision, which may
+            # differ from eval's default fp32 (the docs, "Training's test and eval").
+            "inference": {**model.inference, "backend": "torch", "precision": str(trainer.precision)},
+            "tta": False,
         }
+        if steps is not None:
+            metrics["training"] = {**dataclasses.asdict(steps), "complete": steps.complete}
         if trainer.is_global_zero:  # every DDP process holds the same (synced) metrics
             write_text(run_dir.metrics, json.dumps(metrics, indent=2) + "\n")
             log.info("test metrics of %s: %s", best or "the final weights", json.dumps(metrics))

@@ -30,6 +30,7 @@ def openvino():
 
 
 # fp32 is the contract; bf16 trades exactness for speed (differences up to ~0.1 seen on a trained model).
+@pytest.mark.slow
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-3), ("bf16", 0.1)])
 def test_openvino_probabilities_match_torch(openvino, net, precision, tolerance):
     runtime = on_backend(net, "openvino", precision)
@@ -50,6 +51,7 @@ def test_torch_bf16_runs_under_autocast(net):
     assert probs.dtype == torch.float32 and (probs - predict_probabilities(net, images)).abs().max() < 0.1
 
 
+@pytest.mark.slow
 def test_auto_chooses_a_backend_by_timing_it(openvino, net, caplog):
     caplog.set_level("INFO", logger="retinaseg.inference")
     runtime = on_backend(net, "auto")
@@ -74,6 +76,7 @@ def test_unknown_backend_or_precision_is_refused(net, backend, precision):
         on_backend(net, backend, precision)
 
 
+@pytest.mark.slow
 def test_eval_on_openvino_gives_the_metrics_of_torch(openvino, drive_root, drive_checkpoint, tmp_path):
     results = {}
     for backend in ("torch", "openvino"):
@@ -89,6 +92,7 @@ def test_eval_on_openvino_gives_the_metrics_of_torch(openvino, drive_root, drive
     assert max(np.abs(torch_probs[k] - openvino_probs[k]).max() for k in torch_probs.files) < 1e-3
 
 
+@pytest.mark.slow
 def test_predict_on_openvino_writes_the_maps_of_torch(openvino, drive_root, drive_checkpoint, tmp_path):
     photo = sorted((drive_root / "test" / "images").iterdir())[0]
     for backend in ("torch", "openvino"):

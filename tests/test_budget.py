@@ -97,3 +97,26 @@ def test_budgeted_steps_are_recorded_honoured_and_rerun_exactly(tmp_path, monkey
         budgeted = (tmp_path / "budget" / name).read_text().replace(str(tmp_path / "budget"), "<run>")
         rerun = (tmp_path / "rerun" / name).read_text().replace(str(tmp_path / "rerun"), "<run>")
         assert budgeted == rerun, name
+
+
+def test_max_steps_lifts_the_experiments_time_stop(tmp_path):
+    from retinaseg.train import lift_time_stop
+
+    given = compose_config("train", ["experiment=drive_cpu", "trainer.budget=null", "trainer.max_steps=640"], tmp_path)
+    lift_time_stop(given)
+    assert given.trainer.max_time is None and given.trainer.max_steps == 640
+    budgeted = compose_config("train", ["experiment=drive_cpu"], tmp_path)
+    lift_time_stop(budgeted)
+    assert budgeted.trainer.max_time == "00:00:15:00"  # a calibrated run keeps its hard stop
+
+
+@pytest.mark.slow
+def test_a_run_cut_short_by_max_time_says_so_in_its_records(tmp_path, caplog):
+    overrides = ["trainer.max_epochs=1000", "+trainer.max_time=00:00:00:01"]
+    cfg = compose_config("train", TINY_SYNTHETIC + overrides, tmp_path)
+    with caplog.at_level("WARNING", logger="retinaseg.callbacks"):
+        train(cfg)
+    training = json.loads((tmp_path / "metrics.json").read_text())["training"]
+    assert training["planned_steps"] == 2000 and training["steps"] < 2000 and not training["complete"]
+    assert training["stopped_by"].startswith("trainer.max_time reached")
+    assert any(f"after {training['steps']} of its 2000 planned steps" in r.getMessage() for r in caplog.records)

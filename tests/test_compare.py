@@ -167,3 +167,25 @@ def test_compare_on_drive_evaluations_as_a_user_types_it(drive_evaluation, drive
     comparison = json.loads((tmp_path / "told" / "comparison.json").read_text())
     metrics_b = json.loads((b / "metrics.json").read_text())
     assert comparison["metrics"]["f1"]["b"] == pytest.approx(metrics_b["f1"], abs=1e-12)
+
+
+def test_a_and_b_are_described_and_what_differs_is_named(tmp_path):
+    a, b = write_evaluation(tmp_path / "a", quality=2.0), write_evaluation(tmp_path / "b", quality=2.0)
+    for directory, tta, backend in ((a, False, "torch"), (b, True, "openvino")):
+        metrics = json.loads((directory / "metrics.json").read_text())
+        metrics.update(
+            checkpoint="/runs/x/checkpoints/best.ckpt",
+            dataset="drive",
+            tta=tta,
+            inference={"mode": "whole", "backend": backend, "precision": "fp32"},
+            scale=1.0,
+        )
+        (directory / "metrics.json").write_text(json.dumps(metrics))
+    comparison = run_compare(a, b, tmp_path / "compare")
+    assert comparison["differs_in"] == ["tta", "backend"]
+    assert comparison["settings"]["a"]["checkpoint"] == "/runs/x/checkpoints/best.ckpt"
+    assert comparison["settings"]["b"]["threshold"] == "fixed at 0.5000"
+    table = (tmp_path / "compare" / "comparison.md").read_text()
+    assert "- a and b differ in: tta, backend" in table
+    assert "| backend | torch | openvino | yes |" in table and "| dataset | drive | drive |  |" in table
+    assert json.loads((tmp_path / "compare" / "comparison.json").read_text())["differs_in"] == ["tta", "backend"]

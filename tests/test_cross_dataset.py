@@ -48,6 +48,7 @@ def pooled(probs, samples, fovs, labels=None) -> tuple[float, float]:
     return f1_score(y, p > 0.5), roc_auc_score(y, p) if labels is None else None
 
 
+@pytest.mark.slow
 def test_drive_checkpoint_on_a_stare_copy_of_drive_gives_drives_numbers_up_to_the_fov(
     drive_checkpoint, drive_subset, tmp_path
 ):
@@ -86,6 +87,7 @@ def test_drive_checkpoint_on_a_stare_copy_of_drive_gives_drives_numbers_up_to_th
     assert on_stare["f1"] == pytest.approx(on_drive["f1"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_scale_is_the_target_datasets_and_scores_stay_at_full_resolution(drive_checkpoint, drive_subset, tmp_path):
     samples = read_split("drive", drive_subset, "test")[:2]
     stare = make_stare(tmp_path / "STARE", samples, STARE_LABELLED[:2], unlabelled=0)
@@ -104,6 +106,7 @@ def test_scale_is_the_target_datasets_and_scores_stay_at_full_resolution(drive_c
         assert probs[name].shape == (584, 565) and np.array_equal(probs[name], expected)
 
 
+@pytest.mark.slow
 def test_another_dataset_at_another_scale_on_openvino_scores_as_on_torch(drive_checkpoint, drive_subset, tmp_path):
     pytest.importorskip("openvino")
     samples = read_split("drive", drive_subset, "test")[:2]

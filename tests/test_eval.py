@@ -194,6 +194,7 @@ def test_threshold_val_is_chosen_on_validation_images_only(drive_root, drive_che
     assert test["f1"] == pytest.approx(pooled_f1(p, y, test["threshold"]), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_entry_point_reports_a_bad_checkpoint_in_one_line(tmp_path):
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("not a checkpoint\n")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compose_config, run_entry_point
+from helpers import TINY_SYNTHETIC, compose_config, run_entry_point, write_checkpoint
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.errors import ConfigError
 from retinaseg.export import description, export
@@ -29,6 +29,7 @@ def weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["probabilities", "logits"])
 def test_onnx_model_computes_what_torch_computes_at_any_size(weights, tmp_path, output):
     pytest.importorskip("openvino")
@@ -57,8 +58,10 @@ def test_onnx_model_computes_what_torch_computes_at_any_size(weights, tmp_path, 
     assert about["threshold"] == 0.5 and math.isclose(about["logit_threshold"], 0.0)
 
 
-def test_the_json_holds_a_checkpoints_own_preprocessing(drive_checkpoint):
-    checkpoint = load_checkpoint(drive_checkpoint)
+def test_the_json_holds_a_checkpoints_own_preprocessing(tmp_path):
+    # A checkpoint as a run saves it (not trained: only its recorded settings are read), with its own preprocessing.
+    cfg = compose_config("train", TINY_SYNTHETIC + ["data.clahe=true", "data.mean=[0.1,0.2,0.3]"], tmp_path)
+    checkpoint = load_checkpoint(write_checkpoint(tmp_path / "model.ckpt", cfg))
     about = description(checkpoint, Path("model.onnx"), "probabilities")
     data = checkpoint.data
     assert about["preprocessing"]["mean"] == list(data["mean"]) and about["preprocessing"]["std"] == list(data["std"])
@@ -78,6 +81,7 @@ def test_export_never_overwrites_and_checks_its_settings(weights, tmp_path):
         export(compose_config("export", [f"ckpt_path={weights}", "format=tflite"], tmp_path))
 
 
+@pytest.mark.slow
 def test_the_command_prints_only_what_it_wrote(weights, tmp_path):
     # torch's exporter otherwise logs a line per folded constant, per torchvision operator it skips, and more.
     result = run_entry_point("export", [f"ckpt_path={weights}", f"file={tmp_path / 'mine.onnx'}"], tmp_path)

@@ -39,6 +39,7 @@ def test_channels_last_changes_layout_not_results():
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_keeps_state_dict_keys_and_outputs():
     torch.manual_seed(0)
     eager = VesselSegmentationModule(base_channels=2, depth=1, channels_last=False).eval()

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import TINY_SYNTHETIC, compose_config
@@ -18,13 +19,15 @@ def test_training_draws_curves_and_test_predictions(tmp_path):
         assert min(image.shape[:2]) > 400 and image.std() > 10, name  # a drawn figure, not a blank canvas
 
 
-def test_epoch_values_take_each_epochs_last_logged_value(tmp_path):
+def test_logged_values_by_step_with_each_epochs_end(tmp_path):
     (tmp_path / "metrics.csv").write_text(
-        "epoch,step,train/loss_step,train/loss_epoch,val/f1\n"
-        "0,9,0.9,,\n0,9,,,0.5\n0,9,,0.8,\n1,19,0.7,,\n1,19,,,0.6\n1,19,,0.65,\n,20,,,\n"
+        "epoch,step,train/loss_step,train/loss_epoch,val/f1,test/f1\n"
+        "0,4,0.95,,,\n0,9,0.9,,,\n0,9,,,0.5,\n0,9,,0.8,,\n1,19,0.7,,,\n1,19,,,0.6,\n1,19,,0.65,,\n2,20,,,,0.7\n,20,,,,\n"
     )
-    values = plots.epoch_values(tmp_path / "metrics.csv")
-    assert values["train/loss_epoch"] == {0: 0.8, 1: 0.65} and values["val/f1"] == {0: 0.5, 1: 0.6}
+    logged = plots.logged_values(tmp_path / "metrics.csv")
+    assert logged.values["train/loss_epoch"] == {9: 0.8, 19: 0.65} and logged.values["val/f1"] == {9: 0.5, 19: 0.6}
+    assert logged.values["train/loss_step"] == {4: 0.95, 9: 0.9, 19: 0.7}
+    assert logged.epoch_ends == {0: 9, 1: 19}  # not the test's row
 
 
 def test_error_map_colours_each_outcome():
@@ -49,3 +52,40 @@ def test_figures_go_to_loggers_that_take_images(tmp_path):
     taker = ImageLogger()
     plots.log_images([object(), taker], {"plots/curves": tmp_path / "curves.png"})
     assert taker.logged == [("plots/curves", [str(tmp_path / "curves.png")])]
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plotting functions draw, instead of their files."""
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    return figures
+
+
+def test_roc_has_a_logarithmic_false_positive_axis(drawn):
+    labels = torch.arange(1000) % 7 == 0
+    probs = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.5 + labels * 0.4
+    plots.roc_pr_curves(probs, labels, 0.9, {}, "roc.png", "title")
+    roc = drawn[0].axes[0]
+    assert roc.get_xscale() == "log" and roc.get_xlim()[0] == pytest.approx(1 / (1000 - int(labels.sum())))
+
+
+def test_the_prediction_grid_title_states_threshold_binarisation_and_tta(drawn):
+    row = {"id": "x", "image": np.zeros((8, 8, 3), np.uint8), "label": np.eye(8), "fov": np.ones((8, 8))}
+    plots.results_grid([{**row, "prob": np.eye(8) * 0.9}], 0.42, "grid.png", tta=True)
+    plots.results_grid([{**row, "prob": np.eye(8) * 0.9}], 0.5, "grid.png")
+    assert "probability > 0.42 inside the FOV (flip TTA)" in drawn[0].get_suptitle()
+    assert "probability > 0.5 inside the FOV (no TTA)" in drawn[1].get_suptitle()
+
+
+def test_curves_are_drawn_by_step_with_epoch_ends_on_top(tmp_path, drawn):
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,train/loss_step,train/loss_epoch,val/f1\n0,4,0.9,,\n0,7,,0.8,0.5\n1,9,0.7,,\n1,15,,0.6,0.6\n"
+    )
+    plots.training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
+    loss, *_, f1 = drawn[0].axes[:4]
+    assert loss.get_xlabel() == "optimizer steps"
+    assert [list(line.get_xdata()) for line in loss.get_lines()] == [[5, 10], [8, 16]]  # every few steps, epochs
+    assert [list(line.get_xdata()) for line in f1.get_lines()] == [[8, 16]]
+    (top,) = [ax for ax in f1.child_axes]
+    assert list(top.get_xticks()) == [8, 16] and [t.get_text() for t in top.get_xticklabels()] == ["1", "2"]

@@ -1,5 +1,7 @@
 """retinaseg.predict on photographs of several formats, with given and estimated FOV masks; safe checkpoint loading."""
 
+import csv
+import logging
 import os
 import subprocess
 import sys
@@ -10,9 +12,10 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from helpers import compose_config, read_split
+from helpers import TINY_SYNTHETIC, compose_config, read_split, write_checkpoint
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_mask, read_photograph
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import DataError
 from retinaseg.predict import predict
 
@@ -209,3 +212,31 @@ def test_checkpoints_load_without_running_pickled_code(drive_checkpoint, tmp_pat
     torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
     with pytest.raises(DataError, match="neither a retinaseg checkpoint nor a state_dict of the U-Net"):
         load_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_an_unreadable_photograph_in_a_folder_is_skipped_and_listed(tmp_path, caplog):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(synthetic_samples(1, height=64, width=64)[0].image).save(folder / "good.png")
+    (folder / "broken.png").write_text("not a png\n")
+    ckpt = write_checkpoint(tmp_path / "model.ckpt", compose_config("train", TINY_SYNTHETIC, tmp_path / "unused"))
+
+    def run(out):
+        overrides = [f"ckpt_path={ckpt}", f"input={folder}", f"output_dir={out}"]
+        return predict(compose_config("predict", overrides, tmp_path / "run"))
+
+    with caplog.at_level(logging.WARNING, logger="retinaseg.predict"):
+        assert run(tmp_path / "out") == [tmp_path / "out" / "good_mask.png"]
+    assert any(r.getMessage().startswith("skipping broken.png: cannot read") for r in caplog.records)
+    with open(tmp_path / "out" / "predictions.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["photograph"], r["status"], r["mask"]) for r in rows] == [
+        ("broken.png", "skipped", ""),
+        ("good.png", "written", "good_mask.png"),
+    ]
+    assert "cannot read" in rows[0]["reason"] and rows[1]["reason"] == ""
+    # With no photograph segmented the run fails, naming the first reason.
+    (folder / "good.png").unlink()
+    with pytest.raises(DataError, match="none of the 1 photographs .* could be segmented.*cannot read .*broken.png"):
+        run(tmp_path / "again")
+    assert (tmp_path / "again" / "predictions.csv").is_file()

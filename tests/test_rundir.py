@@ -106,6 +106,7 @@ def test_the_configs_write_where_run_dir_looks(tmp_path):
     assert isinstance(logger, MetricsCSVLogger) and logger.path == run.metrics_csv
 
 
+@pytest.mark.slow
 def test_eval_never_writes_into_a_training_run(tmp_path):
     run = training_run(tmp_path / "run")
     before = snapshot(run.path)
@@ -128,6 +129,7 @@ def photos(tmp_path):
     return tmp_path / "photos", tmp_path / "masks", ckpt
 
 
+@pytest.mark.slow
 def test_predict_never_writes_into_the_folders_it_reads(photos, tmp_path):
     folder, masks, ckpt = photos
     before = snapshot(masks)

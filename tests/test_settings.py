@@ -24,10 +24,11 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a
 FUNCTIONS = {"train": train, "eval": evaluate, "predict": predict, "benchmark": benchmark, "export": export}
 
 
-@pytest.fixture
-def files(tmp_path):
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
     """A checkpoint of the tiny synthetic model, a weights-only one, a plain state_dict, a photograph, an empty FOV
-    mask and a file where a folder is expected."""
+    mask and a file where a folder is expected (made once: the tests only read them)."""
+    tmp_path = tmp_path_factory.mktemp("files")
     cfg = compose_config("train", TINY_SYNTHETIC, tmp_path / "unused")
     checkpoint = write_checkpoint(tmp_path / "model.ckpt", cfg)
     weights_only = write_checkpoint(tmp_path / "weights.ckpt", cfg, resumable=False)
@@ -120,7 +121,7 @@ def test_a_bad_setting_is_one_error_line_and_exit_2(entry, override, message, fi
     "entry, overrides, message",
     [
         pytest.param("train", ["model.lr=abc"], "model.lr must be a number > 0; got 'abc'", marks=pytest.mark.slow),
-        ("benchmark", ["steps=0"], "steps must be an integer >= 1; got 0"),
+        pytest.param("benchmark", ["steps=0"], "steps must be an integer >= 1; got 0", marks=pytest.mark.slow),
     ],
 )
 def test_from_the_command_line_a_bad_setting_is_one_error_line_and_exit_2(entry, overrides, message, files, tmp_path):

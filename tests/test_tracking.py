@@ -223,6 +223,9 @@ def test_training_run_is_named_grouped_and_summarised(trained):
     assert run.summary["parameters"] == parameters and run.summary["precision"] == "32-true"
     assert re.fullmatch(r".+ \(.*\), \d+ threads", run.summary["device"])
     assert run.summary["train/patches_per_s"] > 0 and run.summary["wall_time_s"] > 0
+    # Every planned step was trained (a run cut short names its cause in train/stopped_by).
+    assert run.summary["train/steps"] == run.summary["train/planned_steps"] > 0
+    assert run.summary.get("train/stopped_by") is None
     assert (
         re.fullmatch(r"[0-9a-f]{40}", run.summary["git_commit"])
         and run.config["git_commit"] == run.summary["git_commit"]
@@ -351,6 +354,7 @@ def test_mode_comes_from_wandb_mode(monkeypatch, tmp_path):
     assert compose_config("train", ["logger=wandb"], tmp_path).logger.wandb.mode == "disabled"
 
 
+@pytest.mark.slow
 def test_without_api_key_mode_is_offline_and_no_network_is_touched(tmp_path):
     # Python's audit hooks see every connection, name lookup, datagram and child process this process attempts.
     code = (
@@ -368,6 +372,7 @@ def test_without_api_key_mode_is_offline_and_no_network_is_touched(tmp_path):
     assert result.stdout.split("\n")[-2] == "offline []"
 
 
+@pytest.mark.slow
 def test_unreachable_server_falls_back_to_offline_within_the_timeout(tmp_path):
     with socket.socket() as probe:  # a local port nothing listens on
         probe.bind(("127.0.0.1", 0))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import TINY, TINY_SYNTHETIC, compose_config, run_module
+from helpers import TINY, TINY_SYNTHETIC, compose_config, error_lines, run_module
 from retinaseg.metrics import REPORTED
 from retinaseg.train import train
 
@@ -23,7 +23,8 @@ def test_tiny_training_on_drive(drive_root, tmp_path):
 
 def test_entry_point_writes_the_run_directory(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_module(TINY_SYNTHETIC + [f"hydra.run.dir={run_dir}", "trainer.max_epochs=2"], cwd=tmp_path)
+    overrides = [f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "callbacks.log_progress.interval_s=0"]
+    result = run_module(TINY_SYNTHETIC + overrides, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for path in (
         "checkpoints/best.ckpt",
@@ -36,6 +37,12 @@ def test_entry_point_writes_the_run_directory(tmp_path):
         assert (run_dir / path).is_file(), path
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert all(0.0 <= metrics[key] <= 1.0 for key in REPORTED)
+    # How the test ran (eval's default is fp32), and that every planned step was trained.
+    assert metrics["inference"]["precision"] == "32-true" and metrics["tta"] is False
+    assert metrics["training"] == {"steps": 4, "planned_steps": 4, "stopped_by": None, "complete": True}
+    # stdout is not a terminal here: progress goes to the log, a line per step at interval_s=0.
+    log = (run_dir / "train.log").read_text()
+    assert "training: 2/4 steps, " in log and "training: 4/4 steps, " in log and "; epoch 1, loss " in log
     csv = (run_dir / "csv" / "metrics.csv").read_text()
     assert "val/f1" in csv and "train/loss_epoch" in csv and "test/auc" in csv
 
@@ -52,3 +59,18 @@ def test_missing_drive_is_one_clear_message(tmp_path):
     assert result.returncode != 0
     assert str(missing) in result.stderr and "data=synthetic" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+    # Once: one line on stderr, the same line in the run's log, nothing on stdout; reported before Lightning
+    # prints its banner.
+    (line,) = error_lines(result.stderr)
+    assert str(missing) not in result.stdout
+    assert "GPU available" not in result.stdout + result.stderr and "Seed set" not in result.stdout + result.stderr
+    assert line in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_the_demo_trains_tests_and_draws_its_plots(tmp_path):
+    cfg = compose_config("train", ["experiment=demo"], tmp_path)
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["dataset"] == "synthetic" and metrics["training"]["complete"]
+    assert metrics["training"]["steps"] == 32
+    assert (tmp_path / "plots" / "curves.png").is_file() and (tmp_path / "plots" / "predictions.png").is_file()
