@@ -1,11 +1,16 @@
-"""`python -m retinaseg.predict ckpt_path=<file.ckpt> input=<file or folder> output_dir=<folder> [fov=<file or folder>]`:
-vessel maps of fundus photographs of any size, with the checkpoint's own model and preprocessing (retinaseg.data.preprocess).
+"""`python -m retinaseg.predict input=<file or folder> [ckpt_path=<file.ckpt>] [output_dir=<folder>] [fov=<file or folder>]`:
+vessel maps of fundus photographs of any size, with the checkpoint's own model and preprocessing (retinaseg.data.preprocess);
+without ckpt_path, with the packaged DRIVE model (pretrained:drive).
 
 For each photograph `<stem>.<ext>` it writes `<stem>_prob.png` (probability x 255), `<stem>_mask.png`
-(0/255) and `<stem>_overlay.png` (vessels and the FOV outline drawn over the photograph).
+(0/255) and `<stem>_overlay.png` (vessels and the FOV outline drawn over the photograph), and a row of
+predictions.csv: how the photograph compares with the model's training photographs (retinaseg.quality), with a
+warning for each value outside their range (also logged, one line per photograph).
 """
 
+import csv
 import dataclasses
+import io
 import logging
 from pathlib import Path
 
@@ -27,14 +32,19 @@ from retinaseg.data.preprocess import (
 )
 from retinaseg.errors import ConfigError, DataError, check_bool, check_number, exit_on_user_error
 from retinaseg.inference import on_backend
+from retinaseg.quality import assess
 from retinaseg.runs.rundir import RunDir
-from retinaseg.runs.safe_io import write_png
+from retinaseg.runs.safe_io import write_png, write_text
 
 config.setup()
 log = logging.getLogger(__name__)
 
 # What predict writes for each photograph <stem>.<ext>.
 OUTPUTS = ("{}_prob.png", "{}_mask.png", "{}_overlay.png")
+# ... and for all of them: one row per photograph (retinaseg.quality's record).
+TABLE = "predictions.csv"
+# The model used without ckpt_path: the one that comes with the package (retinaseg/pretrained/drive/).
+DEFAULT_MODEL = "pretrained:drive"
 # Names a FOV mask of `<stem>.<ext>` may have in a fov=<folder>, in order of preference.
 MASK_STEMS = ("{}", "{}_mask", "{}_fov")
 VESSEL_COLOUR, FOV_COLOUR = np.array([0, 255, 0]), (0, 160, 255)
@@ -104,9 +114,8 @@ def output_folder(output_dir: str, photos: list[Path]) -> Path:
     folder = Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output_dir={folder} is a file: pass a folder (it is made if it does not exist).")
-    existing = [
-        folder / name.format(p.stem) for p in photos for name in OUTPUTS if (folder / name.format(p.stem)).exists()
-    ]
+    names = [name.format(p.stem) for p in photos for name in OUTPUTS] + [TABLE]
+    existing = [folder / name for name in names if (folder / name).exists()]
     if existing:
         shown = ", ".join(p.name for p in existing[:3]) + (
             f" and {len(existing) - 3} more" if len(existing) > 3 else ""
@@ -126,7 +135,13 @@ def predict(cfg: DictConfig) -> list[Path]:
     device = resolve_device(cfg.device)
     photos = photographs(cfg.input)
     output_dir = output_folder(cfg.output_dir, photos)
-    checkpoint = load_checkpoint(cfg.ckpt_path)
+    checkpoint = load_checkpoint(cfg.ckpt_path or DEFAULT_MODEL)
+    if not cfg.ckpt_path:
+        log.info(
+            "no ckpt_path given: using the model that comes with retinaseg, ckpt_path=%s (trained on DRIVE; its card: %s)",
+            DEFAULT_MODEL,
+            checkpoint.path.with_name("README.md"),
+        )
     preprocessing = checkpoint.preprocessing()
     if cfg.scale is not None:
         preprocessing = dataclasses.replace(
@@ -141,8 +156,15 @@ def predict(cfg: DictConfig) -> list[Path]:
     log.info(
         "segmenting %d photograph(s) on %s at threshold %.3g into %s", len(photos), module.device, threshold, output_dir
     )
+    if checkpoint.references is None:
+        log.warning(
+            "%s records no ranges of its training photographs: brightness, contrast, vessel density and size are "
+            "written to %s unchecked (ranges unknown)",
+            checkpoint.path,
+            TABLE,
+        )
 
-    written = []
+    written, rows = [], []
     for photo in track(photos, description="segmenting", disable=len(photos) == 1):
         image = read_photograph(photo.read_bytes(), str(photo))
         fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
@@ -155,7 +177,15 @@ def predict(cfg: DictConfig) -> list[Path]:
         write_png(mask_path, mask.astype(np.uint8) * 255)
         write_png(overlay_path, overlay(image, mask, fov))
         written.append(mask_path)
-    log.info("wrote %d vessel map(s) to %s", len(written), output_dir)
+        quality = assess(image, fov, fov_path is not None, mask, preprocessing.scale, checkpoint.references)
+        log.log(logging.WARNING if quality.warnings else logging.INFO, "%s: %s", photo.name, quality.summary())
+        rows.append({"photograph": photo.name, **quality.row()})
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(output_dir / TABLE, table.getvalue())
+    log.info("wrote %d vessel map(s) and %s to %s", len(written), TABLE, output_dir)
     return written
 
 
