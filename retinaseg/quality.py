@@ -135,7 +135,7 @@ class Quality:
         )
         if self.reference is None:
             return f"{measured}; not checked: the model records no ranges of its training images (unknown)"
-        return f"{measured}: all within the ranges of the model's training images"
+        return f"{measured}: all within the ranges of the model's training photographs"
 
 
 def assess(
