@@ -152,22 +152,20 @@ def load_pretrained(name: str) -> Checkpoint:
             f"ckpt_path={name}: retinaseg has no packaged model of that name; the packaged models are {', '.join(pretrained_names())}."
         )
     folder = PRETRAINED_DIR / name.removeprefix(PRETRAINED)
-    settings = json.loads((folder / PACKAGED_SETTINGS).read_text())
     try:
+        settings = json.loads((folder / PACKAGED_SETTINGS).read_text())
         state = safetensors.torch.load_file(folder / PACKAGED_WEIGHTS)
-    except (OSError, SafetensorError) as error:
-        raise DataError(
-            f"{folder / PACKAGED_WEIGHTS}, the weights of {name}, cannot be read ({error}): reinstall retinaseg."
-        ) from None
-    references = settings.get("references")
-    return Checkpoint(
-        folder / PACKAGED_WEIGHTS,
-        settings["hyper_parameters"],
-        settings["data"],
-        state,
-        name=name,
-        references=References.of(references) if references else None,
-    )
+        references = settings.get("references")
+        return Checkpoint(
+            folder / PACKAGED_WEIGHTS,
+            settings["hyper_parameters"],
+            settings["data"],
+            state,
+            name=name,
+            references=References.of(references) if references else None,
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise DataError(f"{folder}, the files of {name}, cannot be read ({error!r}): reinstall retinaseg.") from None
 
 
 def save_pretrained(checkpoint: Checkpoint, folder: Path, references: References) -> list[Path]:

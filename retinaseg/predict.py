@@ -180,11 +180,12 @@ def predict(cfg: DictConfig) -> list[Path]:
         quality = assess(image, fov, fov_path is not None, mask, preprocessing.scale, checkpoint.references)
         log.log(logging.WARNING if quality.warnings else logging.INFO, "%s: %s", photo.name, quality.summary())
         rows.append({"photograph": photo.name, **quality.row()})
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(output_dir / TABLE, table.getvalue())
+    if rows:
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(output_dir / TABLE, table.getvalue())
     log.info("wrote %d vessel map(s) and %s to %s", len(written), TABLE, output_dir)
     return written
 

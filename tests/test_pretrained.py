@@ -21,7 +21,7 @@ from helpers import TINY_SYNTHETIC, compose_config, error_lines, run_entry_point
 from retinaseg import checkpoint as checkpoints
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import ConfigError
+from retinaseg.errors import ConfigError, DataError
 from retinaseg.package_model import package_model
 from retinaseg.quality import Range, References, assess
 
@@ -149,6 +149,10 @@ def test_a_packaged_checkpoint_predicts_as_the_checkpoint(packaged_tiny, tmp_pat
         package_model(compose_config("package_model", [f"ckpt_path={ckpt}", f"folder={folder}"], tmp_path))
     with pytest.raises(ConfigError, match="no packaged model of that name; the packaged models are pretrained:tiny"):
         load_checkpoint("pretrained:../tiny")
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(DataError, match="the files of pretrained:tiny, cannot be read .*reinstall retinaseg"):
+        load_checkpoint("pretrained:tiny")
 
 
 REFERENCE = References(
