@@ -2,9 +2,11 @@
 
 Two kinds of file are read: a retinaseg checkpoint (`python -m retinaseg.train` writes them; they carry
 the model's and the data's settings), and a plain U-Net state_dict such as the original notebook's
-`torch.save(model.state_dict(), "unet.pth")`, read with the original's preprocessing.
+`torch.save(model.state_dict(), "unet.pth")`, read with the original's preprocessing. And the models that come
+with the package, by name (`pretrained:drive`): a checkpoint's weights in safetensors and its settings in JSON.
 """
 
+import json
 import logging
 import pickle
 import re
@@ -12,13 +14,17 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from retinaseg.data.preprocess import Preprocessing
 from retinaseg.errors import ConfigError, DataError
 from retinaseg.inference import check_inference
 from retinaseg.model import UNet, rename_legacy_keys
 from retinaseg.module import VesselSegmentationModule
+from retinaseg.quality import References
+from retinaseg.runs.safe_io import write_atomically, write_text
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +36,14 @@ ORIGINAL_DATA = {"dataset": "drive", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 
 # a resumed training continues that run, an evaluation joins its group.
 WANDB_RUN_ID_KEY = "wandb_run_id"
 WANDB_GROUP_KEY = "wandb_group"
+# The models packaged with retinaseg, one folder each under PRETRAINED_DIR, named `pretrained:<folder>` wherever a
+# checkpoint path is accepted: weights without pickle (safetensors) and the checkpoint's settings (JSON).
+PRETRAINED = "pretrained:"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+PACKAGED_WEIGHTS, PACKAGED_SETTINGS = "model.safetensors", "model.json"
 WHAT_TO_PASS = (
-    "Pass a .ckpt written by `python -m retinaseg.train`, or a U-Net state_dict "
-    '(`torch.save(model.state_dict(), "unet.pth")` of the original notebook).'
+    "Pass a .ckpt written by `python -m retinaseg.train`, a U-Net state_dict "
+    '(`torch.save(model.state_dict(), "unet.pth")` of the original notebook), or a packaged model (pretrained:drive).'
 )
 
 
@@ -48,6 +59,9 @@ class Checkpoint:
     resumable: True when it holds what training continues from (optimizer and loop state), not weights only.
     wandb_run_id, wandb_group: the W&B run that trained it and its group (None: not logged to W&B); a training
     continued from it logs to that run, an evaluation joins that group.
+    name: a packaged model's name (`pretrained:drive`), None for a file given by its path.
+    references: the ranges of its training photographs a photograph is checked against (retinaseg.quality);
+    None where it records none (only packaged models do).
     """
 
     path: Path
@@ -58,6 +72,8 @@ class Checkpoint:
     resumable: bool = False
     wandb_run_id: str | None = None
     wandb_group: str | None = None
+    name: str | None = None
+    references: References | None = None
 
     def build_module(self, inference: dict | None = None) -> VesselSegmentationModule:
         """The model in eval mode, built from the checkpoint's own hyperparameters.
@@ -88,7 +104,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     Keys from before the decoder's `up_conv` kept the original's name are renamed, with a log line.
     """
     if path is None or str(path) == "":
-        raise DataError("ckpt_path is not set: pass ckpt_path=<file.ckpt> (e.g. <run dir>/checkpoints/best.ckpt).")
+        raise DataError(
+            "ckpt_path is not set: pass ckpt_path=<file.ckpt> (e.g. <run dir>/checkpoints/best.ckpt) or ckpt_path=pretrained:drive."
+        )
+    if str(path).startswith(PRETRAINED):
+        return load_pretrained(str(path))
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"ckpt_path={path}: no such file (or not a file). {WHAT_TO_PASS}")
@@ -118,6 +138,52 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             renamed,
         )
     return checkpoint
+
+
+def pretrained_names() -> list[str]:
+    """The packaged models, by the name ckpt_path takes (`pretrained:drive`, ...)."""
+    return sorted(PRETRAINED + p.name for p in PRETRAINED_DIR.iterdir() if (p / PACKAGED_SETTINGS).is_file())
+
+
+def load_pretrained(name: str) -> Checkpoint:
+    """The packaged model `name` (`pretrained:<folder>`), as a checkpoint holding its weights only."""
+    if name not in pretrained_names():
+        raise ConfigError(
+            f"ckpt_path={name}: retinaseg has no packaged model of that name; the packaged models are {', '.join(pretrained_names())}."
+        )
+    folder = PRETRAINED_DIR / name.removeprefix(PRETRAINED)
+    try:
+        settings = json.loads((folder / PACKAGED_SETTINGS).read_text())
+        state = safetensors.torch.load_file(folder / PACKAGED_WEIGHTS)
+        references = settings.get("references")
+        return Checkpoint(
+            folder / PACKAGED_WEIGHTS,
+            settings["hyper_parameters"],
+            settings["data"],
+            state,
+            name=name,
+            references=References.of(references) if references else None,
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise DataError(f"{folder}, the files of {name}, cannot be read ({error!r}): reinstall retinaseg.") from None
+
+
+def save_pretrained(checkpoint: Checkpoint, folder: Path, references: References) -> list[Path]:
+    """`checkpoint` as a packaged model in `folder` (made if needed): its weights (PACKAGED_WEIGHTS), and its model
+    and data settings with the `references` of its training photographs (PACKAGED_SETTINGS). Returns both paths."""
+    # safetensors stores tensors as laid out in memory: the channels_last weights are made contiguous first.
+    weights = safetensors.torch.save({key: value.contiguous() for key, value in checkpoint.state_dict.items()})
+    settings = {
+        "weights": PACKAGED_WEIGHTS,
+        "hyper_parameters": checkpoint.hyper_parameters,
+        # data.root is a folder of the training machine: eval reads $DRIVE_ROOT (or data.root=) instead.
+        "data": {**checkpoint.data, "root": None},
+        "references": references.to_dict(),
+    }
+    return [
+        write_atomically(folder / PACKAGED_WEIGHTS, lambda file: file.write(weights)),
+        write_text(folder / PACKAGED_SETTINGS, json.dumps(settings, indent=2) + "\n"),
+    ]
 
 
 def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:

@@ -56,9 +56,12 @@ def data_settings(checkpoint: Checkpoint, data: dict) -> tuple[dict, dict]:
         own.update({key: value for key, value in data.items() if value is not None})
     env = sources.root_env(own["dataset"])
     if (chosen or data.get("root") is None) and env and os.environ.get(env) and not Path(str(own.get("root"))).exists():
-        log.info(
-            "the checkpoint's data.root %s does not exist here; using %s=%s", own.get("root"), env, os.environ[env]
+        missing = (
+            "the checkpoint records no data.root"  # a packaged model (pretrained:<name>)
+            if own.get("root") is None
+            else f"the checkpoint's data.root {own['root']} does not exist here"
         )
+        log.info("%s; using %s=%s", missing, env, os.environ[env])
         own["root"] = os.environ[env]
     if not chosen:
         return own, own
@@ -295,7 +298,7 @@ def evaluate(cfg: DictConfig) -> dict:
         scale=data.preprocessing.scale,
         tta=bool(cfg.tta),
         inference={**module.inference, "backend": runtime.backend, "precision": runtime.precision},
-        checkpoint=str(Path(cfg.ckpt_path).expanduser().resolve()),
+        checkpoint=checkpoint.name or str(checkpoint.path.resolve()),
         bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
     )
     write_outputs(output_dir, scores, probs, samples)

@@ -1,10 +1,13 @@
-"""`python -m retinaseg.predict ckpt_path=<file.ckpt> input=<file or folder> output_dir=<folder> [fov=<file or folder>]`:
-vessel maps of fundus photographs of any size, with the checkpoint's own model and preprocessing (retinaseg.data.preprocess).
+"""`python -m retinaseg.predict input=<file or folder> [ckpt_path=<file.ckpt>] [output_dir=<folder>] [fov=<file or folder>]`:
+vessel maps of fundus photographs of any size, with the checkpoint's own model and preprocessing (retinaseg.data.preprocess);
+without ckpt_path, with the packaged DRIVE model (pretrained:drive).
 
 For each photograph `<stem>.<ext>` it writes `<stem>_prob.png` (probability x 255), `<stem>_mask.png`
 (0/255) and `<stem>_overlay.png` (vessels and the FOV outline drawn over the photograph), and predictions.csv: a
-row per photograph, written or skipped and why. In a folder, a photograph that cannot be read (or has no usable
-FOV mask) is skipped with a warning; the run fails (exit status 2) only when none could be segmented.
+row per photograph, written or skipped and why, and how it compares with the model's training photographs
+(retinaseg.quality), with a warning for each value outside their range (also logged, one line per photograph). In
+a folder, a photograph that cannot be read (or has no usable FOV mask) is skipped with a warning; the run fails
+(exit status 2) only when none could be segmented.
 """
 
 import csv
@@ -31,6 +34,7 @@ from retinaseg.data.preprocess import (
 from retinaseg.errors import ConfigError, DataError, UserError, check_bool, check_number, exit_on_user_error
 from retinaseg.inference import on_backend
 from retinaseg.progress import tracked
+from retinaseg.quality import Quality, assess
 from retinaseg.runs.rundir import RunDir
 from retinaseg.runs.safe_io import write_png, write_text
 
@@ -39,8 +43,10 @@ log = logging.getLogger(__name__)
 
 # What predict writes for each photograph <stem>.<ext>.
 OUTPUTS = ("{}_prob.png", "{}_mask.png", "{}_overlay.png")
-# What predict writes once per run: each photograph, written or skipped, and why.
+# What predict writes once per run: each photograph, written or skipped and why, with its quality record.
 REPORT = "predictions.csv"
+# The model used without ckpt_path: the one that comes with the package (retinaseg/pretrained/drive/).
+DEFAULT_MODEL = "pretrained:drive"
 # Names a FOV mask of `<stem>.<ext>` may have in a fov=<folder>, in order of preference.
 MASK_STEMS = ("{}", "{}_mask", "{}_fov")
 VESSEL_COLOUR, FOV_COLOUR = np.array([0, 255, 0]), (0, 160, 255)
@@ -132,13 +138,27 @@ class Outcome:
     status: str  # written or skipped
     mask: str  # the vessel mask written, or empty
     reason: str  # why it was skipped, or empty
+    quality: Quality | None = None  # how a written photograph compares with the training photographs
+
+    def row(self) -> dict:
+        quality = self.quality.row() if self.quality else {}
+        return {
+            "photograph": self.photograph,
+            "status": self.status,
+            "mask": self.mask,
+            "reason": self.reason,
+            **quality,
+        }
 
 
 def write_report(path: Path, outcomes: list[Outcome]) -> None:
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=[field.name for field in dataclasses.fields(Outcome)])
+    rows = [outcome.row() for outcome in outcomes]
+    # A skipped photograph has no quality record: its row leaves those columns empty.
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    writer = csv.DictWriter(table, fieldnames=columns, restval="")
     writer.writeheader()
-    writer.writerows(dataclasses.asdict(outcome) for outcome in outcomes)
+    writer.writerows(rows)
     write_text(path, table.getvalue())
 
 
@@ -149,7 +169,13 @@ def predict(cfg: DictConfig) -> list[Path]:
     device = resolve_device(cfg.device)
     photos = photographs(cfg.input)
     output_dir = output_folder(cfg.output_dir, photos)
-    checkpoint = load_checkpoint(cfg.ckpt_path)
+    checkpoint = load_checkpoint(cfg.ckpt_path or DEFAULT_MODEL)
+    if not cfg.ckpt_path:
+        log.info(
+            "no ckpt_path given: using the model that comes with retinaseg, ckpt_path=%s (trained on DRIVE; its card: %s)",
+            DEFAULT_MODEL,
+            checkpoint.path.with_name("README.md"),
+        )
     preprocessing = checkpoint.preprocessing()
     if cfg.scale is not None:
         preprocessing = dataclasses.replace(
@@ -164,6 +190,13 @@ def predict(cfg: DictConfig) -> list[Path]:
     log.info(
         "segmenting %d photograph(s) on %s at threshold %.3g into %s", len(photos), module.device, threshold, output_dir
     )
+    if checkpoint.references is None:
+        log.warning(
+            "%s records no ranges of its training photographs: brightness, contrast, vessel density and size are "
+            "written to %s unchecked (ranges unknown)",
+            checkpoint.path,
+            REPORT,
+        )
 
     written, outcomes = [], []
     for photo in tracked(photos, "segmenting", unit="photographs"):
@@ -185,7 +218,9 @@ def predict(cfg: DictConfig) -> list[Path]:
         write_png(mask_path, mask.astype(np.uint8) * 255)
         write_png(overlay_path, overlay(image, mask, fov))
         written.append(mask_path)
-        outcomes.append(Outcome(photo.name, "written", mask_path.name, ""))
+        quality = assess(image, fov, fov_path is not None, mask, preprocessing.scale, checkpoint.references)
+        log.log(logging.WARNING if quality.warnings else logging.INFO, "%s: %s", photo.name, quality.summary())
+        outcomes.append(Outcome(photo.name, "written", mask_path.name, "", quality))
     write_report(output_dir / REPORT, outcomes)
     skipped = [outcome for outcome in outcomes if outcome.status == "skipped"]
     if not written:

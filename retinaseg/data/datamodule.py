@@ -34,6 +34,11 @@ def check_channels(name: str, values, positive: bool = False) -> list[float]:
     ]
 
 
+# The affine warp's zoom range: the vessel widths (in pixels) a model sees in training span this much around the
+# training images' own (retinaseg.quality checks a photograph's size against it).
+AFFINE_SCALE = (0.9, 1.1)
+
+
 def augmentations(patch_size: int) -> A.Compose:
     """Flips, 90-degree rotations, a small affine warp and photometric jitter, ending in the centre crop."""
     return A.Compose(
@@ -41,7 +46,7 @@ def augmentations(patch_size: int) -> A.Compose:
             A.HorizontalFlip(),
             A.VerticalFlip(),
             A.RandomRotate90(),
-            A.Affine(scale=(0.9, 1.1), rotate=(-20, 20), shear=(-5, 5), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            A.Affine(scale=AFFINE_SCALE, rotate=(-20, 20), shear=(-5, 5), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2),
             A.RandomGamma(gamma_limit=(80, 120)),
             A.CenterCrop(patch_size, patch_size),

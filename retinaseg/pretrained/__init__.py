@@ -1,0 +1,1 @@
+"""The models that come with retinaseg, one folder each (`ckpt_path=pretrained:<folder>`; retinaseg.checkpoint)."""
