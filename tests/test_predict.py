@@ -1,5 +1,6 @@
 """retinaseg.predict on photographs of several formats, with given and estimated FOV masks; safe checkpoint loading."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -10,10 +11,12 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from helpers import compose_config, read_split
+from helpers import TINY_SYNTHETIC, compose_config, encode, read_split, write_checkpoint
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_mask, read_photograph
+from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import DataError
+from retinaseg.inference import inference_memory
 from retinaseg.predict import predict
 
 
@@ -209,3 +212,24 @@ def test_checkpoints_load_without_running_pickled_code(drive_checkpoint, tmp_pat
     torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
     with pytest.raises(DataError, match="neither a retinaseg checkpoint nor a state_dict of the U-Net"):
         load_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_predict_switches_to_sliding_windows_or_refuses_where_memory_is_short(tmp_path, monkeypatch, caplog):
+    checkpoint = write_checkpoint(tmp_path / "tiny.ckpt", compose_config("train", TINY_SYNTHETIC, tmp_path))
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode(synthetic_samples(1, height=96, width=96)[0].image, ".png"))
+
+    def run(available: int, output: str):
+        monkeypatch.setattr("retinaseg.predict.available_memory", lambda device: available)
+        overrides = [f"ckpt_path={checkpoint}", f"input={photo}", f"output_dir={tmp_path / output}", "device=cpu"]
+        return predict(compose_config("predict", overrides + ["inference.window=32"], tmp_path))
+
+    whole = inference_memory((96, 96), 4, {"mode": "whole"})
+    with caplog.at_level(logging.WARNING):
+        (mask,) = run(available=whole, output="sliding")  # the whole image needs more than half of it
+    assert "using sliding windows of 32 px instead" in caplog.text and read(mask).shape == (96, 96)
+    with pytest.raises(
+        DataError,
+        match=r"photo.png needs about .* MiB for inference at 96x96 even with sliding windows of 32 px.* scale=",
+    ):
+        run(available=whole // 20, output="refused")
