@@ -22,6 +22,7 @@ from retinaseg.data.preprocess import (
     IMAGE_SUFFIXES,
     estimate_fov,
     read_fov,
+    read_image_file,
     read_photograph,
     resize_probabilities,
 )
@@ -86,7 +87,7 @@ def given_fov(photo: Path, fov: Path, shape: tuple[int, int]) -> np.ndarray:
         fov = found[0]
     elif not fov.is_file():
         raise DataError(f"fov={fov}: no such file or folder.")
-    return read_fov(fov.read_bytes(), str(fov), str(photo), shape)
+    return read_fov(read_image_file(fov), str(fov), str(photo), shape)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, fov: np.ndarray) -> np.ndarray:
@@ -178,7 +179,7 @@ def predict(cfg: DictConfig) -> list[Path]:
 
     written = []
     for photo in track(photos, description="segmenting", disable=len(photos) == 1):
-        image = read_photograph(photo.read_bytes(), str(photo))
+        image = read_photograph(read_image_file(photo), str(photo))
         fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
         x = preprocessing.tensor(image)[None].to(module.device)
         prob = module.predict_probabilities(

@@ -303,6 +303,10 @@ def test_labels_without_a_vessel_pixel_do_not_train_or_score(drive):
 def test_a_symlink_cycle_under_the_root_is_skipped(drive, caplog):
     (drive / "training" / "images" / "loop").symlink_to(drive, target_is_directory=True)
     (drive / "training" / "self").symlink_to(".", target_is_directory=True)
+    (drive / "one").mkdir()
+    (drive / "two").mkdir()
+    (drive / "one" / "two").symlink_to(drive / "two", target_is_directory=True)  # two folders linking to each other
+    (drive / "two" / "one").symlink_to(drive / "one", target_is_directory=True)
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the reader walks the cycle"))
     signal.alarm(20)
     try:

@@ -2,6 +2,7 @@
 the original's name, and the original notebook's plain state_dict."""
 
 import logging
+import struct
 import zipfile
 
 import numpy as np
@@ -180,7 +181,9 @@ def test_a_checkpoint_whose_weights_fail_their_crc_is_refused(checkpoint, tmp_pa
     with zipfile.ZipFile(checkpoint) as archive:  # torch.save stores its members uncompressed
         member = max(archive.infolist(), key=lambda info: info.file_size)
     data = bytearray(checkpoint.read_bytes())
-    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    # Its bytes start after the local header, whose name and (alignment) extra field lengths are at 26 and 28.
+    name_length, extra_length = struct.unpack_from("<HH", data, member.header_offset + 26)
+    start = member.header_offset + 30 + name_length + extra_length
     data[start + 100 : start + 104] = b"\x7f\x7f\x7f\x7f"  # four bytes of a weight changed
     checkpoint.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"damaged PyTorch file: {member.filename} fails its CRC check"):

@@ -14,6 +14,7 @@ import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -95,6 +96,12 @@ def check_file_size(size: int, where: str) -> None:
             f"({MAX_PIXELS:,} pixels) can ({MAX_FILE_BYTES / 2**20:,.0f} MiB): it is damaged or not an image. "
             "Replace the file with a good copy."
         )
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the image file at `path`; a file larger than an image can be is refused unread."""
+    check_file_size(path.stat().st_size, str(path))
+    return path.read_bytes()
 
 
 def read_header(data: bytes, where: str) -> int:

@@ -23,6 +23,7 @@ from retinaseg.data.preprocess import (
     check_file_size,
     estimate_fov,
     read_fov,
+    read_image_file,
     read_mask,
     read_photograph,
 )
@@ -73,6 +74,16 @@ class Files:
             raise DataError(f"{path} is a file but not a zip or tar archive (or a damaged one)")
         self.names = sorted(n for n in names if not any(part.startswith((".", "__MACOSX")) for part in n.split("/")))
 
+    def holds_folder(self, folder: str) -> bool:
+        """Whether `folder` (relative to the root) is there, even empty (an archive's entry for it counts)."""
+        if self._zip is not None:
+            return any(n.startswith(folder + "/") for n in self._zip.namelist())
+        if self._tar is not None:
+            return any(m.name.removeprefix("./").rstrip("/") == folder for m in self._tar.getmembers()) or any(
+                n.startswith(folder + "/") for n in self.names
+            )
+        return (self.path / folder).is_dir()
+
     def where(self, name: str) -> str:
         return str(self.path / name) if self._zip is None and self._tar is None else f"{self.path}:{name}"
 
@@ -88,8 +99,7 @@ class Files:
                 check_file_size(self._members[name].size, where)
                 data = self._tar.extractfile(self._members[name]).read()
             else:
-                check_file_size((self.path / name).stat().st_size, where)
-                data = (self.path / name).read_bytes()
+                data = read_image_file(self.path / name)
             if name.endswith(".gz"):
                 # gzip declares no trustworthy size: inflate one byte past the bound at most.
                 with gzip.GzipFile(fileobj=io.BytesIO(data)) as file:
@@ -126,18 +136,20 @@ class Files:
 
 def _walk(root: Path) -> list[str]:
     """The paths of the files under `root`, relative to it. Symlinked folders are followed (a dataset assembled
-    from links), which Path.rglob does not do; a link back to a folder above it is skipped with a warning, as
-    following it would walk forever."""
+    from links), which Path.rglob does not do; a link to a folder it is already inside (itself, a folder above it,
+    or one of two folders linking to each other) is skipped with a warning, as following it would walk forever."""
     names = []
+    inside = {str(root): {os.path.realpath(root)}}  # each folder to walk: the real folders it is inside
     for folder, subfolders, files in os.walk(root, followlinks=True):
-        here = os.path.realpath(folder)
+        above = inside.pop(folder)
         for subfolder in list(subfolders):
-            target = os.path.realpath(os.path.join(folder, subfolder))
-            if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
-                log.warning(
-                    "skipping %s: it links back to %s, a folder above it", os.path.join(folder, subfolder), target
-                )
+            path = os.path.join(folder, subfolder)
+            target = os.path.realpath(path)
+            if target in above:
+                log.warning("skipping %s: it links back to %s, a folder it is inside", path, target)
                 subfolders.remove(subfolder)
+            else:
+                inside[path] = above | {target}
         names += [(Path(folder) / file).relative_to(root).as_posix() for file in files]
     return names
 

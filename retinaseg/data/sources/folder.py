@@ -97,10 +97,7 @@ def catalogue(root) -> Catalogue:
             continue
         labels = _pair(images, _in_folder(files, f"{base}/labels"), "label")
         mask_refs = _in_folder(files, f"{base}/masks")
-        masks_folder = (files.path / base / "masks").is_dir() or any(
-            n.startswith(f"{base}/masks/") for n in files.names
-        )
-        if not mask_refs and masks_folder:
+        if not mask_refs and files.holds_folder(f"{base}/masks"):
             raise DataError(
                 f"{files.where(base + '/masks')} holds no images: add the FOV masks, or remove the folder to have "
                 "every FOV estimated from its photograph."
