@@ -6,11 +6,13 @@ the model's and the data's settings), and a plain U-Net state_dict such as the o
 with the package, by name (`pretrained:drive`): a checkpoint's weights in safetensors and its settings in JSON.
 """
 
+import inspect
 import json
 import logging
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +119,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{path} is not a PyTorch file (not the zip archive torch.save writes), or it is truncated. {WHAT_TO_PASS}"
         )
     try:
+        # torch.load does not check the archive's CRCs: damaged weights would load as other numbers.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as error:
+        raise DataError(f"{path} is a damaged PyTorch file: {error}") from None
+    if damaged is not None:
+        raise DataError(
+            f"{path} is a damaged PyTorch file: {damaged} fails its CRC check. Replace it with a good copy."
+        )
+    try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses objects whose unpickling could run code; name the first one instead of loading it.
@@ -130,6 +142,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     checkpoint = _retinaseg_checkpoint(path, content) or _unet_state_dict(path, content)
     if checkpoint is None:
         raise DataError(f"{path} is neither a retinaseg checkpoint nor a state_dict of the U-Net. {WHAT_TO_PASS}")
+    not_finite = [
+        key
+        for key, value in checkpoint.state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all()
+    ]
+    if not_finite:
+        raise DataError(
+            f"{path} holds weights that are not finite (NaN or infinity) in {', '.join(not_finite[:3])}"
+            f"{' and more' if len(not_finite) > 3 else ''}: the model would predict nothing. Use an earlier checkpoint."
+        )
     renamed = rename_legacy_keys(checkpoint.state_dict)
     if renamed:
         log.info(
@@ -192,6 +214,7 @@ def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
     state, hparams = content.get("state_dict"), content.get("hyper_parameters")
     if not isinstance(state, dict) or MARKER_KEY not in state or not isinstance(hparams, dict):
         return None
+    check_hyper_parameters(path, hparams)
     data = dict(content.get("datamodule_hyper_parameters") or {})
     if "mean" not in data or "std" not in data:
         raise DataError(
@@ -209,6 +232,24 @@ def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
         wandb_run_id=content.get(WANDB_RUN_ID_KEY),
         wandb_group=content.get(WANDB_GROUP_KEY),
     )
+
+
+def check_hyper_parameters(path: Path, hparams: dict) -> None:
+    """Refuses hyper_parameters that VesselSegmentationModule would not take: entries it does not know (written by
+    another version, or edited), or an `inference` that is not a mapping of settings."""
+    known = inspect.signature(VesselSegmentationModule).parameters
+    unknown = sorted(str(key) for key in hparams if key not in known)
+    if unknown:
+        raise DataError(
+            f"{path} has hyper_parameters this retinaseg does not know ({', '.join(unknown)}): it was written by "
+            "another version, or edited. Use a checkpoint of this version."
+        )
+    inference = hparams.get("inference")
+    if inference is not None and not isinstance(inference, Mapping):
+        raise DataError(
+            f"{path} has hyper_parameters.inference={inference!r}, not a mapping of inference settings: it was edited "
+            "or damaged. Use another checkpoint."
+        )
 
 
 def _unet_state_dict(path: Path, content) -> Checkpoint | None:

@@ -11,6 +11,8 @@ comparison.md into its run directory and prints the table.
 import csv
 import json
 import logging
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +47,10 @@ def read_evaluation(directory: str | None, name: str) -> Evaluation:
     path = Path(directory).expanduser()
     if not (path / "metrics.json").is_file():
         raise DataError(f"{name}={directory} holds no metrics.json: pass the run directory of a retinaseg.eval run")
-    metrics = json.loads((path / "metrics.json").read_text())
+    metrics = read_metrics(path / "metrics.json", name)
     rows = []
     if (path / "per_image.csv").is_file():
-        with open(path / "per_image.csv", newline="") as file:
-            rows = list(csv.DictReader(file))
+        rows = read_rows(path / "per_image.csv", name)
     names = ImageCounts.column_names()
     if not (path / "histograms.npz").is_file() or not rows or not set(names) <= set(rows[0]):
         raise DataError(
@@ -57,13 +58,107 @@ def read_evaluation(directory: str | None, name: str) -> Evaluation:
             "written by an older retinaseg.eval; evaluate its checkpoint again"
         )
     ids = [row["id"] for row in rows]
-    with np.load(path / "histograms.npz", allow_pickle=False) as saved:
-        if saved["ids"].tolist() != ids:
-            raise DataError(f"{name}={directory}: histograms.npz and per_image.csv list different images")
-        positive, negative = saved["positive"].astype(np.int64), saved["negative"].astype(np.int64)
-        histograms = Histograms(positive, negative, float(saved["logit_range"]))
-    columns = {key: np.array([int(row[key]) for row in rows]) for key in names}
-    return Evaluation(path, metrics, ImageCounts.from_columns(ids, columns, histograms))
+    columns = {key: column(rows, key, path / "per_image.csv", name) for key in names}
+    histograms = read_histograms(path / "histograms.npz", name, ids)
+    counts = ImageCounts.from_columns(ids, columns, histograms)
+    check_consistent(counts, metrics, name, path)
+    return Evaluation(path, metrics, counts)
+
+
+def damaged(name: str, file: Path, what: str) -> DataError:
+    return DataError(
+        f"{name}={file.parent}: {file.name} {what}: it is damaged or was edited; evaluate the checkpoint again"
+    )
+
+
+def read_metrics(file: Path, name: str) -> dict:
+    """metrics.json: an object with at least the threshold and how it was chosen."""
+    try:
+        metrics = json.loads(file.read_text())
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise damaged(name, file, f"cannot be read ({error})") from None
+    if not isinstance(metrics, dict):
+        raise damaged(name, file, f"holds a {type(metrics).__name__}, not an object of metrics")
+    if not isinstance(metrics.get("threshold_from"), str) or not is_number(metrics.get("threshold")):
+        raise damaged(name, file, "has no threshold and threshold_from")
+    return metrics
+
+
+def read_rows(file: Path, name: str) -> list[dict]:
+    """per_image.csv's rows, each with a value in every column."""
+    try:
+        with open(file, newline="") as opened:
+            rows = list(csv.DictReader(opened))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise damaged(name, file, f"cannot be read ({error})") from None
+    for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values():
+            raise damaged(name, file, f"has {'more' if None in row else 'fewer'} values on line {line} than columns")
+    return rows
+
+
+def column(rows: list[dict], key: str, file: Path, name: str) -> np.ndarray:
+    """One column of per_image.csv's counts: whole numbers, none negative."""
+    try:
+        values = np.array([int(row[key]) for row in rows], dtype=np.int64)
+    except (ValueError, OverflowError) as error:
+        raise damaged(name, file, f"has a {key} that is not a whole number ({error})") from None
+    if (values < 0).any():
+        raise damaged(name, file, f"has a negative {key} (an impossible count)")
+    return values
+
+
+def read_histograms(file: Path, name: str, ids: list[str]) -> Histograms:
+    """histograms.npz (never unpickled): one row of non-negative counts per image of per_image.csv, in order."""
+    try:
+        with np.load(file, allow_pickle=False) as saved:
+            listed = saved["ids"].tolist()
+            positive, negative = saved["positive"], saved["negative"]
+            logit_range = float(saved["logit_range"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as error:
+        # ValueError: pickled objects (refused) or a damaged array; KeyError: an array missing.
+        raise damaged(name, file, f"cannot be read ({error})") from None
+    if listed != ids:
+        raise DataError(f"{name}={file.parent}: histograms.npz and per_image.csv list different images")
+    shape_ok = positive.ndim == 2 and positive.shape == negative.shape and positive.shape[0] == len(ids)
+    if not shape_ok or not all(np.issubdtype(h.dtype, np.integer) for h in (positive, negative)):
+        raise damaged(name, file, f"does not hold one row of counts per image of per_image.csv ({len(ids)})")
+    positive, negative = positive.astype(np.int64), negative.astype(np.int64)
+    if (positive < 0).any() or (negative < 0).any() or not np.isfinite(logit_range) or logit_range <= 0:
+        raise damaged(name, file, "holds negative counts or an impossible logit range")
+    return Histograms(positive, negative, logit_range)
+
+
+def check_consistent(counts: ImageCounts, metrics: dict, name: str, path: Path) -> None:
+    """Refuses counts that contradict each other or metrics.json: the histograms must count each image's vessel
+    and background pixels as per_image.csv does, and the metrics recomputed from the counts must be
+    metrics.json's (both were written by one evaluation)."""
+    c = counts.confusion
+    histograms = counts.histograms
+    if not (
+        np.array_equal(histograms.positive.sum(axis=1), c.tp + c.fn)
+        and np.array_equal(histograms.negative.sum(axis=1), c.fp + c.tn)
+    ):
+        raise DataError(
+            f"{name}={path}: histograms.npz and per_image.csv count different pixels: one of them was edited or comes "
+            "from another evaluation; evaluate the checkpoint again"
+        )
+    if is_number(metrics.get("n_images")) and metrics["n_images"] != len(counts.ids):
+        raise DataError(
+            f"{name}={path}: metrics.json says {metrics['n_images']} images, per_image.csv has {len(counts.ids)}: one "
+            "of them was edited or comes from another evaluation; evaluate the checkpoint again"
+        )
+    for key, value in counts.total().items():
+        written = metrics.get(key)
+        if is_number(written) and not math.isclose(written, value, rel_tol=1e-6, abs_tol=1e-9):
+            raise DataError(
+                f"{name}={path}: metrics.json says {key} {written:.6g} but the per-image counts give {value:.6g}: one "
+                "of them was edited or comes from another evaluation; evaluate the checkpoint again"
+            )
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def image_keys(counts: ImageCounts) -> list[tuple[str, int, int]]:

@@ -3,6 +3,7 @@
 import contextlib
 import ctypes
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,9 @@ WEIGHTINGS = ("constant", "gaussian")
 MODES = ("whole", "sliding")
 BACKENDS = ("torch", "openvino", "auto")
 PRECISIONS = ("fp32", "bf16")
+# Peak memory of whole-image inference, per pixel of the model's input and per base channel of the U-Net (measured
+# on the CPU in fp32: 35-40 bytes at 512x512 to 2048x2048 for base_channels 16 and 64).
+BYTES_PER_PIXEL_CHANNEL = 40
 # `backend="auto"` times both backends on an input of this size (one warm-up, then the faster of two runs).
 AUTO_TIMING_SIZE = 256
 
@@ -40,6 +44,28 @@ def check_inference(settings: dict, prefix: str) -> dict:
             raise ConfigError(f"{prefix}.{key} is not an inference setting; they are {', '.join(checks)}")
         checks[key](f"{prefix}.{key}", value)
     return settings
+
+
+def inference_memory(shape: tuple[int, int], base_channels: int, settings: dict) -> int:
+    """About the bytes a U-Net of `base_channels` needs to infer on an input of `shape` (H, W) with the inference
+    `settings`: its whole image at once, or `batch_size` windows at a time."""
+    if settings["mode"] == "whole":
+        pixels = shape[0] * shape[1]
+    else:
+        pixels = min(settings["window"] ** 2, shape[0] * shape[1]) * settings["batch_size"]
+    return pixels * base_channels * BYTES_PER_PIXEL_CHANNEL
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for inference on `device`: the GPU's free memory, or the memory Linux says is available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _window_starts(length: int, window: int, stride: int) -> list[int]:

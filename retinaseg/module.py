@@ -72,14 +72,18 @@ class VesselSegmentationModule(L.LightningModule):
         return self.net(images)
 
     def predict_probabilities(
-        self, images: torch.Tensor, tta: bool = False, runtime: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        images: torch.Tensor,
+        tta: bool = False,
+        runtime: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        inference: dict | None = None,
     ) -> torch.Tensor:
-        """Vessel probabilities (N, 1, H, W) of whole images, by the configured inference mode; with `tta`,
-        averaged over the images and their flips. `runtime` computes the logits instead of this module
-        (e.g. the module on OpenVINO: retinaseg.inference.on_backend)."""
+        """Vessel probabilities (N, 1, H, W) of whole images, by the configured inference mode (or by `inference`,
+        settings in its place); with `tta`, averaged over the images and their flips. `runtime` computes the
+        logits instead of this module (e.g. the module on OpenVINO: retinaseg.inference.on_backend)."""
         if tta:
-            return flip_averaged(lambda flipped: self.predict_probabilities(flipped, runtime=runtime), images)
-        return predict_probabilities(runtime or self, images, **self.inference)
+            return flip_averaged(lambda flipped: self.predict_probabilities(flipped, False, runtime, inference), images)
+        return predict_probabilities(runtime or self, images, **(inference or self.inference))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])

@@ -28,11 +28,12 @@ from retinaseg.data.preprocess import (
     IMAGE_SUFFIXES,
     estimate_fov,
     read_fov,
+    read_image_file,
     read_photograph,
     resize_probabilities,
 )
 from retinaseg.errors import ConfigError, DataError, UserError, check_bool, check_number, exit_on_user_error
-from retinaseg.inference import on_backend
+from retinaseg.inference import available_memory, inference_memory, on_backend
 from retinaseg.progress import tracked
 from retinaseg.quality import Quality, assess
 from retinaseg.runs.rundir import RunDir
@@ -98,7 +99,7 @@ def given_fov(photo: Path, fov: Path, shape: tuple[int, int]) -> np.ndarray:
         fov = found[0]
     elif not fov.is_file():
         raise DataError(f"fov={fov}: no such file or folder.")
-    return read_fov(fov.read_bytes(), str(fov), str(photo), shape)
+    return read_fov(read_image_file(fov), str(fov), str(photo), shape)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, fov: np.ndarray) -> np.ndarray:
@@ -162,6 +163,40 @@ def write_report(path: Path, outcomes: list[Outcome]) -> None:
     write_text(path, table.getvalue())
 
 
+def inference_that_fits(module, shape: tuple[int, int], photo: Path, scale: float) -> dict:
+    """The module's inference settings for an input of `shape` (H, W), switched from whole images to sliding windows
+    (with a warning) where the whole image would need more than half the memory available (the photograph's own
+    arrays need the rest); refused where even that does not fit."""
+    settings, base_channels = module.inference, module.hparams.base_channels
+    budget = available_memory(module.device) // 2
+    if inference_memory(shape, base_channels, settings) <= budget:
+        return settings
+    sliding = {**settings, "mode": "sliding"}
+    needed = inference_memory(shape, base_channels, sliding)
+    if needed <= budget:
+        log.warning(
+            "%s: whole-image inference at %dx%d would need about %s of the %s available; using sliding windows of "
+            "%d px instead",
+            photo.name,
+            shape[1],
+            shape[0],
+            mebibytes(inference_memory(shape, base_channels, settings)),
+            mebibytes(2 * budget),
+            settings["window"],
+        )
+        return sliding
+    raise DataError(
+        f"{photo} needs about {mebibytes(needed)} for inference at {shape[1]}x{shape[0]} even with sliding windows of "
+        f"{settings['window']} px, more than half of the {mebibytes(2 * budget)} available: use smaller "
+        "inference.window and inference.batch_size, or bring the photograph to a smaller size with scale=<factor> "
+        f"(predict's counterpart of data.scale; now {scale:g})."
+    )
+
+
+def mebibytes(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
 def predict(cfg: DictConfig) -> list[Path]:
     """Segment every photograph of `cfg.input` into `cfg.output_dir`; return the masks written."""
     tta = check_bool("tta", cfg.tta)
@@ -201,7 +236,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     written, outcomes = [], []
     for photo in tracked(photos, "segmenting", unit="photographs"):
         try:
-            image = read_photograph(photo.read_bytes(), str(photo))
+            image = read_photograph(read_image_file(photo), str(photo))
             fov = estimate_fov(image) if fov_path is None else given_fov(photo, fov_path, image.shape[:2])
         except UserError as error:
             if Path(cfg.input).expanduser().is_file():  # the one photograph asked for: nothing else to do
@@ -210,7 +245,9 @@ def predict(cfg: DictConfig) -> list[Path]:
             outcomes.append(Outcome(photo.name, "skipped", "", str(error)))
             continue
         x = preprocessing.tensor(image)[None].to(module.device)
-        prob = module.predict_probabilities(x, tta, runtime)
+        prob = module.predict_probabilities(
+            x, tta, runtime, inference_that_fits(module, x.shape[-2:], photo, preprocessing.scale)
+        )
         prob = resize_probabilities(prob, image.shape[:2])[0, 0].cpu().numpy() * fov
         mask = (prob > threshold) & fov
         prob_path, mask_path, overlay_path = (output_dir / name.format(photo.stem) for name in OUTPUTS)

@@ -2,13 +2,15 @@
 the original's name, and the original notebook's plain state_dict."""
 
 import logging
+import struct
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_SYNTHETIC, compose_config, make_drive, run_entry_point, seed_unet
+from helpers import TINY_SYNTHETIC, compose_config, make_drive, run_entry_point, seed_unet, write_checkpoint
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.errors import DataError
 from retinaseg.eval import evaluate
@@ -137,3 +139,57 @@ def test_a_state_dict_of_another_network_is_refused(tmp_path):
     torch.save(state, tmp_path / "mangled.pth")
     with pytest.raises(DataError, match="neither a retinaseg checkpoint nor a state_dict of the U-Net"):
         load_checkpoint(tmp_path / "mangled.pth")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return write_checkpoint(tmp_path / "good.ckpt", compose_config("train", TINY_SYNTHETIC, tmp_path))
+
+
+def edited(path, change):
+    content = torch.load(path, weights_only=True)
+    change(content)
+    torch.save(content, path.with_name("edited.ckpt"))
+    return path.with_name("edited.ckpt")
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            lambda c: c["hyper_parameters"].update(dropout=0.1),
+            "hyper_parameters this retinaseg does not know \\(dropout\\)",
+        ),
+        (
+            lambda c: c["hyper_parameters"].update(inference="sliding"),
+            "hyper_parameters.inference='sliding', not a mapping",
+        ),
+        (
+            lambda c: c["state_dict"]["net.e1.conv_block.conv1.weight"].fill_(float("nan")),
+            "weights that are not finite \\(NaN or infinity\\) in net.e1.conv_block.conv1.weight",
+        ),
+    ],
+    ids=["unknown-entry", "inference-not-a-mapping", "nan-weights"],
+)
+def test_a_checkpoint_with_unexpected_content_is_refused(checkpoint, change, expected):
+    load_checkpoint(checkpoint)
+    with pytest.raises(DataError, match=expected):
+        load_checkpoint(edited(checkpoint, change))
+
+
+def test_a_checkpoint_whose_weights_fail_their_crc_is_refused(checkpoint, tmp_path):
+    with zipfile.ZipFile(checkpoint) as archive:  # torch.save stores its members uncompressed
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(checkpoint.read_bytes())
+    # Its bytes start after the local header, whose name and (alignment) extra field lengths are at 26 and 28.
+    name_length, extra_length = struct.unpack_from("<HH", data, member.header_offset + 26)
+    start = member.header_offset + 30 + name_length + extra_length
+    data[start + 100 : start + 104] = b"\x7f\x7f\x7f\x7f"  # four bytes of a weight changed
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"damaged PyTorch file: {member.filename} fails its CRC check"):
+        load_checkpoint(checkpoint)
+    result = run_entry_point(
+        "eval", [f"ckpt_path={checkpoint}", "data=synthetic", f"hydra.run.dir={tmp_path / 'eval'}"], tmp_path
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "fails its CRC check" in result.stderr

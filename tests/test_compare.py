@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import compose_config, run_entry_point
+from helpers import compose_config, error_lines, run_entry_point
 from retinaseg.compare import compare
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError, DataError
 from retinaseg.eval import write_outputs
-from retinaseg.metrics import HEADLINE, score
+from retinaseg.metrics import HEADLINE, Histograms, ImageCounts, score
 
 
 def write_evaluation(directory, quality: float, threshold: float = 0.5, threshold_from: str = "fixed", n: int = 8):
@@ -68,7 +68,21 @@ def keep_images(source, destination, ids: list[str]):
     for key in ("ids", "positive", "negative"):
         arrays[key] = arrays[key][order]
     np.savez_compressed(destination / "histograms.npz", **arrays)
+    rescore(destination)
     return destination
+
+
+def rescore(directory):
+    """metrics.json's pooled metrics and image count recomputed from the evaluation's per-image files, as an
+    evaluation of those images would have written them."""
+    rows = read_rows(directory)
+    columns = {key: np.array([int(row[key]) for row in rows]) for key in ImageCounts.column_names()}
+    with np.load(directory / "histograms.npz") as saved:
+        histograms = Histograms(saved["positive"].astype(np.int64), saved["negative"].astype(np.int64))
+    counts = ImageCounts.from_columns([row["id"] for row in rows], columns, histograms)
+    metrics = json.loads((directory / "metrics.json").read_text())
+    metrics.update(counts.total(), n_images=len(rows))
+    (directory / "metrics.json").write_text(json.dumps(metrics))
 
 
 def test_an_evaluation_compared_with_itself_differs_by_nothing(tmp_path):
@@ -130,7 +144,15 @@ def test_different_image_sets_are_refused_unless_told(tmp_path):
     relabelled = keep_images(directory, tmp_path / "relabelled", ids)
     changed = read_rows(relabelled)
     changed[0]["fn"] = str(int(changed[0]["fn"]) + 1)
+    changed[0]["tn"] = str(int(changed[0]["tn"]) - 1)
     write_rows(relabelled, changed)
+    with np.load(relabelled / "histograms.npz") as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    busiest = arrays["negative"][0].argmax()  # one background pixel is a vessel in this label
+    arrays["positive"][0, busiest] += 1
+    arrays["negative"][0, busiest] -= 1
+    np.savez_compressed(relabelled / "histograms.npz", **arrays)
+    rescore(relabelled)
     with pytest.raises(DataError, match="7 in common, 1 more with the same id but other labels"):
         run_compare(directory, relabelled, tmp_path / "relabelled_refused")
 
@@ -146,6 +168,89 @@ def test_an_evaluation_without_counts_and_bad_settings_are_refused(tmp_path):
         compare(compose_config("compare", [f"a={directory}"], tmp_path / "missing"))
     with pytest.raises(ConfigError, match="bootstrap must be an integer >= 0"):
         run_compare(directory, directory, tmp_path / "negative", "bootstrap=-1")
+
+
+def edit_json(path, change):
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def edit_row(directory, key, value, row: int = 0):
+    rows = read_rows(directory)
+    rows[row][key] = value
+    write_rows(directory, rows)
+
+
+def edit_histograms(directory, **changes):
+    with np.load(directory / "histograms.npz") as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    arrays.update(changes)
+    np.savez(directory / "histograms.npz", **arrays)
+
+
+DAMAGES = {
+    "truncated-metrics": (lambda d: (d / "metrics.json").write_text('{"f1": 0.8, "thr'), "metrics.json cannot be read"),
+    "list-metrics": (lambda d: edit_json(d / "metrics.json", lambda m: list(m)), "metrics.json holds a list"),
+    "no-threshold": (
+        lambda d: edit_json(d / "metrics.json", lambda m: {k: v for k, v in m.items() if k != "threshold"}),
+        "metrics.json has no threshold",
+    ),
+    "bad-count": (lambda d: edit_row(d, "tp", "many"), "per_image.csv has a tp that is not a whole number"),
+    "short-row": (
+        lambda d: (d / "per_image.csv").write_text((d / "per_image.csv").read_text().rsplit(",", 3)[0] + "\n"),
+        "per_image.csv has fewer values on line 9 than columns",
+    ),
+    "negative-tp": (lambda d: edit_row(d, "tp", "-5"), "per_image.csv has a negative tp"),
+    "truncated-histograms": (
+        lambda d: (d / "histograms.npz").write_bytes((d / "histograms.npz").read_bytes()[:300]),
+        "histograms.npz cannot be read",
+    ),
+    "pickled-histograms": (
+        lambda d: edit_histograms(d, positive=np.array([{"run": "code"}], dtype=object)),
+        "histograms.npz cannot be read .*allow_pickle",
+    ),
+    "missing-histogram": (
+        lambda d: np.savez(d / "histograms.npz", ids=np.array([r["id"] for r in read_rows(d)])),
+        "histograms.npz cannot be read",
+    ),
+    "rows-disagree": (
+        lambda d: edit_histograms(d, positive=np.zeros((3, 200), np.uint32), negative=np.zeros((3, 200), np.uint32)),
+        "histograms.npz does not hold one row of counts per image of per_image.csv",
+    ),
+    "histograms-contradict-counts": (
+        lambda d: edit_row(d, "tp", str(int(read_rows(d)[0]["tp"]) + 7)),
+        "histograms.npz and per_image.csv count different pixels",
+    ),
+    "metrics-contradict-counts": (
+        lambda d: edit_json(d / "metrics.json", lambda m: {**m, "f1": m["f1"] + 0.01}),
+        "metrics.json says f1 .* but the per-image counts give",
+    ),
+    "image-count-contradicts": (
+        lambda d: edit_json(d / "metrics.json", lambda m: {**m, "n_images": 9}),
+        "metrics.json says 9 images, per_image.csv has 8",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_or_edited_evaluation_files_are_refused_in_one_line(damage, tmp_path):
+    good = write_evaluation(tmp_path / "good", quality=2.0)
+    bad = shutil.copytree(good, tmp_path / "bad")
+    change, expected = DAMAGES[damage]
+    change(bad)
+    with pytest.raises(DataError, match=f"b={bad}: {expected}"):
+        run_compare(good, bad, tmp_path / "refused")
+
+
+def test_a_damaged_evaluation_file_is_one_error_line_and_exit_2(tmp_path):
+    good = write_evaluation(tmp_path / "good", quality=2.0)
+    bad = shutil.copytree(good, tmp_path / "bad")
+    edit_row(bad, "tp", "")
+    result = run_entry_point("compare", [f"a={good}", f"b={bad}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert error_lines(result.stderr) == [
+        f"error: b={bad}: per_image.csv has a tp that is not a whole number (invalid literal for int() with base 10: "
+        "''): it is damaged or was edited; evaluate the checkpoint again"
+    ]
 
 
 @pytest.mark.slow

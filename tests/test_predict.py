@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from helpers import TINY_SYNTHETIC, compose_config, read_split, write_checkpoint
+from helpers import TINY_SYNTHETIC, compose_config, encode, read_split, write_checkpoint
 from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_mask, read_photograph
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import DataError
+from retinaseg.inference import inference_memory
 from retinaseg.predict import predict
 
 
@@ -240,3 +241,24 @@ def test_an_unreadable_photograph_in_a_folder_is_skipped_and_listed(tmp_path, ca
     with pytest.raises(DataError, match="none of the 1 photographs .* could be segmented.*cannot read .*broken.png"):
         run(tmp_path / "again")
     assert (tmp_path / "again" / "predictions.csv").is_file()
+
+
+def test_predict_switches_to_sliding_windows_or_refuses_where_memory_is_short(tmp_path, monkeypatch, caplog):
+    checkpoint = write_checkpoint(tmp_path / "tiny.ckpt", compose_config("train", TINY_SYNTHETIC, tmp_path))
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode(synthetic_samples(1, height=96, width=96)[0].image, ".png"))
+
+    def run(available: int, output: str):
+        monkeypatch.setattr("retinaseg.predict.available_memory", lambda device: available)
+        overrides = [f"ckpt_path={checkpoint}", f"input={photo}", f"output_dir={tmp_path / output}", "device=cpu"]
+        return predict(compose_config("predict", overrides + ["inference.window=32"], tmp_path))
+
+    whole = inference_memory((96, 96), 4, {"mode": "whole"})
+    with caplog.at_level(logging.WARNING):
+        (mask,) = run(available=whole, output="sliding")  # the whole image needs more than half of it
+    assert "using sliding windows of 32 px instead" in caplog.text and read(mask).shape == (96, 96)
+    with pytest.raises(
+        DataError,
+        match=r"photo.png needs about .* MiB for inference at 96x96 even with sliding windows of 32 px.* scale=",
+    ):
+        run(available=whole // 20, output="refused")

@@ -156,6 +156,39 @@ def test_folder_photographs_of_the_same_name_are_refused(photos, tmp_path):
         sources.open_dataset("folder", root)
 
 
+def test_folder_names_keep_their_dots(photos, tmp_path):
+    root = tmp_path / "mine"
+    for folder, suffix, write in (
+        ("images", "", lambda s: s.image),
+        ("labels", "_label", lambda s: mask_file(s.label)),
+    ):
+        (root / "train" / folder).mkdir(parents=True)
+        for name, s in (("tr.v1", photos[0]), ("tr.v2", photos[1])):
+            (root / "train" / folder / f"{name}{suffix}.png").write_bytes(encode(write(s), ".png"))
+    samples = read_split("folder", root, "train")
+    assert [s.id for s in samples] == ["tr.v1", "tr.v2"]
+    assert all(np.array_equal(s.label, p.label) for s, p in zip(samples, photos[:2]))
+
+
+@pytest.mark.parametrize("content", ["notes", "nothing", "zip-entry", "tar-entry"])
+def test_a_masks_folder_without_images_is_refused(photos, tmp_path, content):
+    root = make_folder(tmp_path / "mine", photos[:2], masks=False)
+    (root / "train" / "masks").mkdir()
+    if content == "notes":
+        (root / "train" / "masks" / "notes.txt").write_text("masks to come\n")
+    elif content == "zip-entry":  # `zip -r` stores the empty folder as an entry of its own
+        with zipfile.ZipFile(tmp_path / "mine.zip", "w") as archive:
+            for path in sorted(root.rglob("*")):
+                archive.write(path, path.relative_to(tmp_path).as_posix())
+        root = tmp_path / "mine.zip"
+    elif content == "tar-entry":
+        with tarfile.open(tmp_path / "mine.tar", "w") as archive:
+            archive.add(root, "mine")
+        root = tmp_path / "mine.tar"
+    with pytest.raises(DataError, match="train/masks holds no images: add the FOV masks, or remove the folder"):
+        sources.open_dataset("folder", root)
+
+
 def test_folder_masks_and_test_split(photos, tmp_path):
     root = make_folder(make_folder(tmp_path / "mine", photos[:2]), photos[2:], split="test")
     train, test = read_split("folder", root, "train"), read_split("folder", root, "test")

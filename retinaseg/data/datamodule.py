@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from retinaseg.data import sources, splits
 from retinaseg.data.preprocess import Preprocessing
 from retinaseg.data.sample import Sample
-from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number
+from retinaseg.errors import ConfigError, DataError, check_bool, check_choice, check_int, check_number
 
 # A run resumed mid-epoch continues the patch stream exactly (FundusDataModule.state_dict), which
 # Lightning cannot tell: it only knows data loaders that have their own state_dict.
@@ -291,13 +291,24 @@ class FundusDataModule(L.LightningDataModule):
 
     def samples(self, part: str) -> list[Sample]:
         """The Samples of `part` (see `ids`), as read: original resolution, no preprocessing."""
-        return list(self.catalogue.read(self.ids(part)))
+        return self._with_vessels(list(self.catalogue.read(self.ids(part))), part)
+
+    def _with_vessels(self, samples: list[Sample], part: str) -> list[Sample]:
+        """`samples`, refused when none of their labels holds a vessel pixel: training on them would learn to
+        predict nothing and scoring on them gives F1 0, both without another sign of what went wrong."""
+        if samples and not any(s.label.any() for s in samples):
+            raise DataError(
+                f"none of the {len(samples)} {part} labels of data.dataset={self.hparams.dataset} "
+                f"(data.root={self.hparams.root}) holds a vessel pixel, e.g. that of {samples[0].id}: the labels "
+                "are empty. A label must show vessels as the brighter of its two values; check the label files."
+            )
+        return samples
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and not self.train_samples:
             train, val = self.ids("train"), self.ids("val")
             samples = {s.id: s for s in self.catalogue.read(train + val)}  # one pass over the files
-            self.train_samples = [samples[i] for i in train]
+            self.train_samples = self._with_vessels([samples[i] for i in train], "train")
             self.val_samples = [samples[i] for i in val]
         if stage in (None, "test") and not self.test_samples:
             self.test_samples = self.samples("test")

@@ -2,15 +2,19 @@
 prediction all call these functions.
 
 Reading (any PNG, JPEG, TIFF, PPM, GIF or BMP photograph: 8- or 16-bit, RGB, RGBA or grayscale, turned upright as
-its EXIF orientation tag says; labels and masks read through luminance), estimating the field of view, and
-`Preprocessing`: resizing by `scale` (area), CLAHE and per-channel normalisation, plus the way back
-(probabilities resized to the photograph's own size).
+its EXIF orientation tag says; labels and masks read through luminance, two-valued ones by their values;
+images too large refused from their header), estimating the field of view, and `Preprocessing`: resizing by
+`scale` (area), CLAHE and per-channel normalisation, plus the way back (probabilities resized to the
+photograph's own size).
 """
 
 import io
 import logging
+import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -31,6 +35,11 @@ FOV_LEVEL = 0.2
 # A label or mask whose pixels are nearly all black or white (JPEG-like fringes) is thresholded at half
 # brightness, as mmsegmentation and bob.ip.binseg read STARE, CHASE_DB1 and HRF; anything else is refused.
 NEAR_BINARY = 0.99
+# The most pixels an image may have: PIL's own bound against decompression bombs (89 million; HRF's photographs
+# have 8.2 million). A larger one is refused from its header, before anything decodes it.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# The most bytes an image file may hold, or an archive member inflate to: MAX_PIXELS of 16-bit RGBA, uncompressed.
+MAX_FILE_BYTES = MAX_PIXELS * 8
 # How an EXIF orientation tag says to turn the stored pixels upright (as PIL.ImageOps.exif_transpose does).
 UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -46,12 +55,13 @@ UPRIGHT = {
 def read_photograph(data: bytes, where: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from an 8- or 16-bit RGB, RGBA or grayscale image file's bytes (`where` names it),
     turned upright as its EXIF orientation tag says."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    orientation = read_header(data, where)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    except cv2.error:  # e.g. more pixels than OpenCV's own bound (CV_IO_MAX_IMAGE_PIXELS)
+        image = None
     if image is None:
-        raise DataError(
-            f"cannot read image {where}: it is not a {FORMATS} image, or it is damaged. "
-            "Replace the file with a good copy."
-        )
+        raise unreadable(where)
     name = where.rsplit("/", 1)[-1]
     if image.dtype == np.uint16:
         image = np.round(image / 257).astype(np.uint8)  # 0..65535 onto 0..255
@@ -69,17 +79,58 @@ def read_photograph(data: bytes, where: str) -> np.ndarray:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     else:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return upright(image, data, name)
+    return upright(image, orientation, name)
 
 
-def upright(image: np.ndarray, data: bytes, name: str) -> np.ndarray:
-    """`image` (a photograph, label or mask decoded from `data`) turned as the EXIF orientation tag of its file says
-    (cameras store portraits sideways with one), as image viewers show it: decoders do not apply the tag."""
+def unreadable(where: str) -> DataError:
+    return DataError(
+        f"cannot read image {where}: it is not a {FORMATS} image, or it is damaged. Replace the file with a good copy."
+    )
+
+
+def check_file_size(size: int, where: str) -> None:
+    """Refuses an image file of `size` bytes (or an archive member that would inflate to it) before it is read."""
+    if size > MAX_FILE_BYTES:
+        raise DataError(
+            f"cannot read image {where}: it holds {size / 2**20:,.0f} MiB, more than an image of the largest size read "
+            f"({MAX_PIXELS:,} pixels) can ({MAX_FILE_BYTES / 2**20:,.0f} MiB): it is damaged or not an image. "
+            "Replace the file with a good copy."
+        )
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the image file at `path`; a file larger than an image can be is refused unread."""
+    check_file_size(path.stat().st_size, str(path))
+    return path.read_bytes()
+
+
+def read_header(data: bytes, where: str) -> int:
+    """The EXIF orientation of the image file `data` (1 where it has none, or where PIL cannot read the header),
+    after refusing an image of more than MAX_PIXELS pixels before anything decodes it."""
+    check_file_size(len(data), where)
+    claimed = None
     try:
-        with Image.open(io.BytesIO(data)) as file:
-            orientation = file.getexif().get(ExifTags.Base.Orientation, 1)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below with a clearer message
+            with Image.open(io.BytesIO(data)) as file:
+                width, height = file.size
+                if width * height > MAX_PIXELS:
+                    claimed = f"{width}x{height}"
+                else:
+                    return file.getexif().get(ExifTags.Base.Orientation, 1)
+    except Image.DecompressionBombError:  # PIL's own refusal, past twice MAX_PIXELS
+        claimed = f"over {2 * MAX_PIXELS:,}"
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, struct.error):
+        return 1
+    raise DataError(
+        f"cannot read image {where}: its header claims {claimed} pixels, and at most {MAX_PIXELS:,} are read "
+        "(a damaged file, or an image far larger than a fundus photograph): replace it, or resize it."
+    )
+
+
+def upright(image: np.ndarray, orientation: int, name: str) -> np.ndarray:
+    """`image` (a photograph, label or mask) turned as the EXIF `orientation` tag of its file says (cameras store
+    portraits sideways with one), as image viewers show it: decoders do not apply the tag."""
     if orientation not in UPRIGHT:
         return image
     log.info("%s: turned upright as its EXIF orientation tag (%d) says", name, orientation)
@@ -91,23 +142,28 @@ def read_mask(data: bytes, where: str, photograph: str, shape: Sequence[int]) ->
     from an image file's bytes, read through luminance (turned upright by its EXIF orientation tag, as photographs
     are). A mask of another size than its photograph's is refused.
 
-    Bright (>= 128) is foreground: DRIVE's palette GIFs map index 0/1 to luminance 3/253; a mask stored with raw
-    values 0/1 is foreground where non-zero. A nearly binary image is thresholded at 128 too.
+    An image of two values is read by its values, the larger being foreground, however dark both are: DRIVE's
+    palette GIFs map index 0/1 to luminance 3/253, its second observer's raw values are 0/1, and a label may be
+    red on black (luminance 0/76) or 0/100. One value is foreground where bright (>= 128) or 1. A nearly binary image
+    (JPEG-like fringes) is thresholded at 128.
     """
+    orientation = read_header(data, where)
     try:
         with Image.open(io.BytesIO(data)) as image:
             gray = np.asarray(image.convert("L"))
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image {where}: {error}. Replace the file with a good copy.") from None
-    gray = upright(gray, data, where.rsplit("/", 1)[-1])
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, struct.error):
+        raise unreadable(where) from None
+    gray = upright(gray, orientation, where.rsplit("/", 1)[-1])
     if gray.shape != tuple(shape[:2]):
         raise DataError(
             f"{where} is {gray.shape[1]}x{gray.shape[0]} but its image {photograph} is {shape[1]}x{shape[0]} "
             "(width x height); they must match."
         )
     values, counts = np.unique(gray, return_counts=True)
-    if len(values) <= 2:
-        return (gray >= 128 if values.max() > 1 else gray > 0).astype(np.uint8)
+    if len(values) == 2:
+        return (gray == values[1]).astype(np.uint8)
+    if len(values) == 1:  # all foreground where bright, or stored as raw 1 (a 0/1 mask holding no 0)
+        return np.full(gray.shape, values[0] >= 128 or values[0] == 1, np.uint8)
     extremes = counts[(values < 32) | (values > 223)].sum() / gray.size
     if extremes < NEAR_BINARY:
         shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")

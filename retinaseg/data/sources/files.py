@@ -7,6 +7,7 @@ the Samples of the images asked for.
 """
 
 import gzip
+import io
 import logging
 import os
 import re
@@ -17,7 +18,15 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from retinaseg.data.preprocess import estimate_fov, read_fov, read_mask, read_photograph
+from retinaseg.data.preprocess import (
+    MAX_FILE_BYTES,
+    check_file_size,
+    estimate_fov,
+    read_fov,
+    read_image_file,
+    read_mask,
+    read_photograph,
+)
 from retinaseg.data.sample import Sample
 from retinaseg.errors import DataError
 
@@ -39,14 +48,19 @@ class Files:
         self.path = path
         self._zip = self._tar = None
         if path.is_dir():
-            # os.walk follows symlinked folders (a dataset assembled from links), which Path.rglob does not.
-            names = [
-                (Path(folder) / file).relative_to(path).as_posix()
-                for folder, _, files in os.walk(path, followlinks=True)
-                for file in files
-            ]
+            names = _walk(path)
         elif zipfile.is_zipfile(path):
-            self._zip = zipfile.ZipFile(path)
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                EOFError,
+                ValueError,
+                NotImplementedError,
+                UnicodeDecodeError,
+            ) as error:
+                raise DataError(f"{path} is a damaged zip archive ({error}); replace it with a good copy") from None
             names = [n for n in self._zip.namelist() if not n.endswith("/")]
         elif path.is_file() and tarfile.is_tarfile(path):
             try:
@@ -60,20 +74,49 @@ class Files:
             raise DataError(f"{path} is a file but not a zip or tar archive (or a damaged one)")
         self.names = sorted(n for n in names if not any(part.startswith((".", "__MACOSX")) for part in n.split("/")))
 
+    def holds_folder(self, folder: str) -> bool:
+        """Whether `folder` (relative to the root) is there, even empty (an archive's entry for it counts)."""
+        if self._zip is not None:
+            return any(n.startswith(folder + "/") for n in self._zip.namelist())
+        if self._tar is not None:
+            return any(m.name.removeprefix("./").rstrip("/") == folder for m in self._tar.getmembers()) or any(
+                n.startswith(folder + "/") for n in self.names
+            )
+        return (self.path / folder).is_dir()
+
     def where(self, name: str) -> str:
         return str(self.path / name) if self._zip is None and self._tar is None else f"{self.path}:{name}"
 
     def read(self, name: str) -> bytes:
+        """The file's bytes; one that is (or inflates to) more than an image can hold is refused before it is read."""
+        where = self.where(name)
         try:
             if self._zip is not None:
+                # A zip's declared size bounds what it inflates to (zipfile stops there and checks the CRC).
+                check_file_size(self._zip.getinfo(name).file_size, where)
                 data = self._zip.read(name)
             elif self._tar is not None:
+                check_file_size(self._members[name].size, where)
                 data = self._tar.extractfile(self._members[name]).read()
             else:
-                data = (self.path / name).read_bytes()
-            return gzip.decompress(data) if name.endswith(".gz") else data
-        except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error, OSError) as error:
-            raise DataError(f"{self.where(name)} is damaged ({error}): replace the dataset with a good copy.") from None
+                data = read_image_file(self.path / name)
+            if name.endswith(".gz"):
+                # gzip declares no trustworthy size: inflate one byte past the bound at most.
+                with gzip.GzipFile(fileobj=io.BytesIO(data)) as file:
+                    data = file.read(MAX_FILE_BYTES + 1)
+                check_file_size(len(data), where)
+            return data
+        except (
+            zipfile.BadZipFile,
+            tarfile.TarError,
+            gzip.BadGzipFile,
+            EOFError,
+            zlib.error,
+            OSError,
+            RuntimeError,  # zipfile: an encrypted member
+            NotImplementedError,  # zipfile: a compression it lacks (Deflate64, ...)
+        ) as error:
+            raise DataError(f"{where} is damaged ({error}): replace the dataset with a good copy.") from None
 
     def matching(self, pattern: re.Pattern) -> dict[str, "Ref"]:
         """{first group of `pattern`: file} of the files whose path (relative to the root) `pattern` searches out."""
@@ -89,6 +132,26 @@ class Files:
         top = list(dict.fromkeys(name.split("/")[0] + ("/" if "/" in name else "") for name in self.names))
         shown = ", ".join(top[:limit]) + (f" and {len(top) - limit} more" if len(top) > limit else "")
         return f"found {shown}" if top else "found nothing"
+
+
+def _walk(root: Path) -> list[str]:
+    """The paths of the files under `root`, relative to it. Symlinked folders are followed (a dataset assembled
+    from links), which Path.rglob does not do; a link to a folder it is already inside (itself, a folder above it,
+    or one of two folders linking to each other) is skipped with a warning, as following it would walk forever."""
+    names = []
+    inside = {str(root): {os.path.realpath(root)}}  # each folder to walk: the real folders it is inside
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        above = inside.pop(folder)
+        for subfolder in list(subfolders):
+            path = os.path.join(folder, subfolder)
+            target = os.path.realpath(path)
+            if target in above:
+                log.warning("skipping %s: it links back to %s, a folder it is inside", path, target)
+                subfolders.remove(subfolder)
+            else:
+                inside[path] = above | {target}
+        names += [(Path(folder) / file).relative_to(root).as_posix() for file in files]
+    return names
 
 
 @dataclass(frozen=True)

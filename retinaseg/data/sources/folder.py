@@ -38,7 +38,8 @@ LAYOUT = re.compile(r"^((?:.*/)?)train/images/[^/]+$")
 
 
 def _stem(ref: Ref) -> str:
-    return PurePosixPath(ref.name).name.split(".")[0]
+    """The name without its extension (only the last: `tr.v1.png` and `tr.v2.png` are two photographs)."""
+    return PurePosixPath(ref.name).stem
 
 
 def _in_folder(files: Files, folder: str) -> list[Ref]:
@@ -96,6 +97,11 @@ def catalogue(root) -> Catalogue:
             continue
         labels = _pair(images, _in_folder(files, f"{base}/labels"), "label")
         mask_refs = _in_folder(files, f"{base}/masks")
+        if not mask_refs and files.holds_folder(f"{base}/masks"):
+            raise DataError(
+                f"{files.where(base + '/masks')} holds no images: add the FOV masks, or remove the folder to have "
+                "every FOV estimated from its photograph."
+            )
         masks = _pair(images, mask_refs, "mask") if mask_refs else {}
         unlabelled = [ref.basename for stem, ref in sorted(images.items()) if stem not in labels]
         if unlabelled:
