@@ -258,13 +258,14 @@ def predict(cfg: DictConfig) -> list[Path]:
         quality = assess(image, fov, fov_path is not None, mask, preprocessing.scale, checkpoint.references)
         log.log(logging.WARNING if quality.warnings else logging.INFO, "%s: %s", photo.name, quality.summary())
         outcomes.append(Outcome(photo.name, "written", mask_path.name, "", quality))
-    write_report(output_dir / REPORT, outcomes)
     skipped = [outcome for outcome in outcomes if outcome.status == "skipped"]
     if not written:
+        # Nothing is written, so nothing blocks a rerun into the same output_dir.
         raise DataError(
-            f"none of the {len(photos)} photographs of input={cfg.input} could be segmented ({REPORT} in "
-            f"{output_dir} says why of each); the first: {skipped[0].reason}"
+            f"none of the {len(photos)} photographs of input={cfg.input} could be segmented (a warning above says "
+            f"why of each); the first: {skipped[0].reason}"
         )
+    write_report(output_dir / REPORT, outcomes)
     log.info(
         "wrote %d vessel map(s) to %s%s",
         len(written),
