@@ -155,7 +155,8 @@ def test_a_bad_file_from_the_command_line_is_one_message_and_exit_2(drive, tmp_p
     path = drive / "training" / "images" / "22_training.tif"
     path.write_bytes(path.read_bytes()[:300])
     result = run_module(
-        TINY + [f"data.root={drive}", "data.val_images=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path
+        TINY + [f"data.root={drive}", "data.val_images=1", "test=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert "cannot read image" in result.stderr and "22_training.tif" in result.stderr

@@ -81,7 +81,7 @@ TABLE = [
     ("eval", "threshold=abc", r"threshold must be a number in [0, 1] or val; got 'abc'"),
     ("eval", "threshold=2", r"threshold must be a number in [0, 1] or val; got 2"),
     ("eval", "tta=no", "tta must be true or false; got 'no'"),
-    ("eval", "split=train", "split must be one of test, val, all; got 'train'"),
+    ("eval", "split=training", "split must be one of test, val, train, all; got 'training'"),
     ("eval", "inference.mode=foo", "inference.mode must be one of whole, sliding; got 'foo'"),
     ("eval", "inference.window=0", "inference.window must be an integer >= 1; got 0"),
     ("eval", "inference.backend=onnx", "inference.backend must be one of torch, openvino, auto; got 'onnx'"),
