@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
-from retinaseg import config, plots, tracking
+from retinaseg import config, plots, stats, tracking
 from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data import sources
 from retinaseg.data.datamodule import FundusDataModule
@@ -146,11 +146,10 @@ def table(metrics: dict) -> str:
 
 
 def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray], samples: list[Sample]) -> None:
-    """metrics.json, per_image.csv (and per_image_second_observer.csv), histograms.npz, probabilities.npz and
-    predictions/<id>.png (0/255, zero outside the FOV): every number can be recomputed from them, and
-    retinaseg.compare needs only the first three. Each is written to a temporary name and renamed: a full disk
-    never leaves a partial file under a real name."""
-    write_text(output_dir / "metrics.json", json.dumps(scores.metrics, indent=2) + "\n")
+    """per_image.csv (and per_image_second_observer.csv), histograms.npz, probabilities.npz and
+    predictions/<id>.png (0/255, zero outside the FOV): with metrics.json (`write_metrics`), every number can be
+    recomputed from them, and retinaseg.compare needs only metrics.json and the first two. Each is written to a
+    temporary name and renamed: a full disk never leaves a partial file under a real name."""
     for name, rows in (("per_image.csv", scores.rows), ("per_image_second_observer.csv", scores.observer_rows)):
         if rows:
             table = io.StringIO()
@@ -170,6 +169,11 @@ def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray]
     for s in samples:
         mask = (probs[s.id] > scores.metrics["threshold"]) & s.fov
         write_png(output_dir / "predictions" / f"{s.id}.png", mask.astype(np.uint8) * 255)
+
+
+def write_metrics(output_dir: Path, metrics: dict) -> None:
+    """metrics.json, written after every other file of the evaluation: where it is, the evaluation finished."""
+    write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 def draw_plots(
@@ -203,7 +207,7 @@ def evaluate(cfg: DictConfig) -> dict:
     threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=("val",))
     check_bool("tta", cfg.tta)
     check_int("plot_images", cfg.plot_images, minimum=0)
-    check_int("bootstrap", cfg.bootstrap, minimum=0)
+    stats.check_resamples("bootstrap", cfg.bootstrap)
     check_int("seed", cfg.seed)
     device = resolve_device(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
@@ -218,6 +222,13 @@ def evaluate(cfg: DictConfig) -> dict:
     module = checkpoint.build_module(inference).to(device)
     runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
     own, target = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
+    if cfg.split == "val" and target is not own:
+        raise ConfigError(
+            f"split=val scores the validation images the checkpoint's training held out of its own dataset "
+            f"({own['dataset']}), not images of data={target.get('dataset')}: leave data unset for split=val, or "
+            "score the other dataset with split=test or split=all (threshold=val still picks the threshold on the "
+            "checkpoint's own validation images)."
+        )
     own_data = FundusDataModule(**own)
     data = own_data if target is own else FundusDataModule(**target)
 
@@ -264,6 +275,7 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     write_outputs(output_dir, scores, probs, samples)
     figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images)
+    write_metrics(output_dir, metrics)
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
     tracking.log_evaluation(

@@ -3,6 +3,7 @@ cannot be paired honestly are refused in one line."""
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ from helpers import compose_config, run_entry_point
 from retinaseg.compare import compare
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError, DataError
-from retinaseg.eval import write_outputs
+from retinaseg.eval import write_metrics, write_outputs
 from retinaseg.metrics import HEADLINE, score
 
 
@@ -38,6 +39,7 @@ def write_evaluation(directory, quality: float, threshold: float = 0.5, threshol
     )
     scores.metrics.update(threshold=threshold, threshold_from=threshold_from, split="test", n_images=n)
     write_outputs(directory, scores, probs, samples)
+    write_metrics(directory, scores.metrics)
     return directory
 
 
@@ -167,3 +169,24 @@ def test_compare_on_drive_evaluations_as_a_user_types_it(drive_evaluation, drive
     comparison = json.loads((tmp_path / "told" / "comparison.json").read_text())
     metrics_b = json.loads((b / "metrics.json").read_text())
     assert comparison["metrics"]["f1"]["b"] == pytest.approx(metrics_b["f1"], abs=1e-12)
+
+
+def test_an_unfinished_evaluation_a_training_run_and_a_sweep_are_named_as_such(tmp_path):
+    directory = write_evaluation(tmp_path / "eval", quality=2.0)
+    for folder, task, files in (
+        ("unfinished", "eval", ["per_image.csv", "histograms.npz"]),
+        ("training", "train", ["metrics.json"]),
+    ):
+        (tmp_path / folder / ".hydra").mkdir(parents=True)
+        (tmp_path / folder / ".hydra" / "config.yaml").write_text(f"task_name: {task}\n")
+        for name in files:
+            shutil.copy(directory / name, tmp_path / folder)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "multirun.yaml").write_text("task_name: eval\n")
+    for folder, message in (
+        ("unfinished", "its evaluation did not finish (metrics.json, written last, is missing)"),
+        ("training", "is a train run, not an evaluation: evaluate its checkpoint"),
+        ("sweep", "is the sweep directory of a multirun"),
+    ):
+        with pytest.raises(DataError, match=re.escape(message)):
+            run_compare(directory, tmp_path / folder, tmp_path / f"refused_{folder}")
