@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import time
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -113,6 +114,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_int("warmup_steps", cfg.warmup_steps, minimum=0)
     check_int("rounds", cfg.rounds, minimum=1)
     check_int("inference_images", cfg.inference_images, minimum=1)
+    if Path(cfg.output).expanduser().exists():
+        raise ConfigError(f"output={cfg.output} exists and is not overwritten: choose another output=<path>.")
     for mode in cfg.inference_modes:
         check_choice("inference_modes[]", mode, MODES)
     if not cfg.precisions and cfg.inference_modes:

@@ -222,6 +222,8 @@ def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
         )
     if "source" in data:  # written before datasets were config groups (data.source: drive or synthetic)
         data["dataset"] = data.pop("source")
+    if data.get("folds") is None:  # written when data.fold was 0 by default, ignored without data.folds
+        data.pop("fold", None)
     resumable = all(key in content for key in ("optimizer_states", "loops", "epoch", "global_step"))
     return Checkpoint(
         path,

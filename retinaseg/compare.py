@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from retinaseg import config, literature, stats
 from retinaseg.errors import ConfigError, DataError, check_bool, check_int, exit_on_user_error
 from retinaseg.metrics import DISPLAY, Histograms, ImageCounts
+from retinaseg.runs.rundir import RunDir
 from retinaseg.runs.safe_io import write_text
 
 config.setup()
@@ -45,7 +46,24 @@ def read_evaluation(directory: str | None, name: str) -> Evaluation:
             f"{name}=<eval dir> is missing: pass the run directories of two retinaseg.eval runs, a=... b=..."
         )
     path = Path(directory).expanduser()
-    if not (path / "metrics.json").is_file():
+    run = RunDir(path)
+    task = run.task()
+    if run.sweep_config.is_file():
+        raise DataError(
+            f"{name}={directory} is the sweep directory of a multirun: pass the directory of one of its evaluations "
+            f"(its numbered folders, e.g. {path / '0'})"
+        )
+    if task not in (None, "eval"):
+        raise DataError(
+            f"{name}={directory} is a {task} run, not an evaluation: evaluate its checkpoint with `python -m "
+            "retinaseg.eval ckpt_path=<file.ckpt>` and pass that run's directory"
+        )
+    if not run.metrics.is_file():
+        if task == "eval":
+            raise DataError(
+                f"{name}={directory}: its evaluation did not finish (metrics.json, written last, is missing): "
+                "evaluate its checkpoint again"
+            )
         raise DataError(f"{name}={directory} holds no metrics.json: pass the run directory of a retinaseg.eval run")
     metrics = read_metrics(path / "metrics.json", name)
     rows = []
@@ -232,7 +250,7 @@ def describe(metrics: dict) -> dict:
 
 def compare(cfg: DictConfig) -> dict:
     """Compare evaluation b with evaluation a; write comparison.json and comparison.md; return the former's content."""
-    check_int("bootstrap", cfg.bootstrap, minimum=0)
+    stats.check_resamples("bootstrap", cfg.bootstrap)
     check_int("seed", cfg.seed)
     check_bool("allow_different_images", cfg.allow_different_images)
     check_bool("allow_different_thresholds", cfg.allow_different_thresholds)

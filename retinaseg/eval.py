@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
-from retinaseg import calibration, config, plots, tracking
+from retinaseg import calibration, config, plots, stats, tracking
 from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data import sources
 from retinaseg.data.datamodule import FundusDataModule
@@ -155,11 +155,10 @@ def table(metrics: dict) -> str:
 
 
 def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray], samples: list[Sample]) -> None:
-    """metrics.json, per_image.csv (and per_image_second_observer.csv), histograms.npz (inside and outside the FOV),
-    probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV): every number can be recomputed from
-    them, and retinaseg.compare needs only the first three. Each is written to a temporary name and renamed: a full disk
-    never leaves a partial file under a real name."""
-    write_text(output_dir / "metrics.json", json.dumps(scores.metrics, indent=2) + "\n")
+    """per_image.csv (and per_image_second_observer.csv), histograms.npz (inside and outside the FOV),
+    probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV): with metrics.json (`write_metrics`),
+    every number can be recomputed from them, and retinaseg.compare needs only metrics.json and the first two. Each
+    is written to a temporary name and renamed: a full disk never leaves a partial file under a real name."""
     for name, rows in (("per_image.csv", scores.rows), ("per_image_second_observer.csv", scores.observer_rows)):
         if rows:
             table = io.StringIO()
@@ -195,6 +194,11 @@ def fov_pixels(probs: dict[str, np.ndarray], samples: list[Sample]) -> tuple[tor
     fov_probs = torch.cat([torch.from_numpy(probs[s.id][s.fov]) for s in samples])
     fov_labels = torch.cat([torch.from_numpy(s.label[s.fov]) for s in samples])
     return fov_probs, fov_labels
+
+
+def write_metrics(output_dir: Path, metrics: dict) -> None:
+    """metrics.json, written after every other file of the evaluation: where it is, the evaluation finished."""
+    write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 def draw_plots(
@@ -240,7 +244,7 @@ def evaluate(cfg: DictConfig) -> dict:
     threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=("val",))
     check_bool("tta", cfg.tta)
     check_int("plot_images", cfg.plot_images, minimum=0)
-    check_int("bootstrap", cfg.bootstrap, minimum=0)
+    stats.check_resamples("bootstrap", cfg.bootstrap)
     check_int("seed", cfg.seed)
     device = resolve_device(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
@@ -255,6 +259,13 @@ def evaluate(cfg: DictConfig) -> dict:
     module = checkpoint.build_module(inference).to(device)
     runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
     own, target = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
+    if cfg.split == "val" and target is not own:
+        raise ConfigError(
+            f"split=val scores the validation images the checkpoint's training held out of its own dataset "
+            f"({own['dataset']}), not images of data={target.get('dataset')}: leave data unset for split=val, or "
+            "score the other dataset with split=test or split=all (threshold=val still picks the threshold on the "
+            "checkpoint's own validation images)."
+        )
     own_data = FundusDataModule(**own)
     data = own_data if target is own else FundusDataModule(**target)
 
@@ -303,6 +314,7 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     write_outputs(output_dir, scores, probs, samples)
     figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images, reliability)
+    write_metrics(output_dir, metrics)
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
     tracking.log_evaluation(

@@ -95,21 +95,42 @@ def description(checkpoint: Checkpoint, model_file: Path, output: str) -> dict:
     }
 
 
+def left_unfinished(sidecar: Path, model_file: Path) -> bool:
+    """True when `sidecar` is the description of `model_file` written by an export that did not finish (the
+    model file is missing)."""
+    try:
+        about = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(about, dict) and about.get("model") == model_file.name and not model_file.exists()
+
+
 def export(cfg: DictConfig) -> Path:
     """Write the model file and its JSON; return the model file's path."""
     check_choice("format", cfg.format, FORMATS)
     check_choice("output", cfg.output, OUTPUTS)
     path = Path(cfg.file).expanduser()
     sidecar = path.with_suffix(".json")
-    existing = [p for p in (path, sidecar) if p.exists()]
+    if path.suffix.lower() == ".json":
+        raise ConfigError(
+            f"file={cfg.file}: the model's description is written beside it as <name>.json, which is the model's "
+            f"own name. Give the model another suffix (file={path.with_suffix('.' + cfg.format)})."
+        )
+    existing = [p for p in (path, sidecar) if p.exists() and not (p == sidecar and left_unfinished(sidecar, path))]
     if existing:
         raise ConfigError(f"{existing[0]} exists and is not overwritten: choose another file=<path>.")
     if onnx is None:
         raise ConfigError("format=onnx needs onnx and onnxscript (torch's ONNX exporter): pip install -e '.[onnx]'.")
     checkpoint = load_checkpoint(cfg.ckpt_path)
     module = checkpoint.build_module()
-    to_onnx(module.net, path, cfg.output, module.hparams.in_channels)
+    # The description first, the model last: where the model is, its description is too. A description whose
+    # model an interruption kept from being written is removed, or (SIGKILL) replaced by the next export.
     write_text(sidecar, json.dumps(description(checkpoint, path, cfg.output), indent=2) + "\n")
+    try:
+        to_onnx(module.net, path, cfg.output, module.hparams.in_channels)
+    except BaseException:
+        sidecar.unlink(missing_ok=True)
+        raise
     log.info("%s (%s) and %s written from %s", path, cfg.output, sidecar, checkpoint.path)
     return path
 

@@ -13,11 +13,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retinaseg.errors import ConfigError, check_int
+
 Statistic = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+# The fewest resamples that give a 95% interval: the 2.5th and 97.5th percentiles of fewer are one or two
+# resampled values (with 1 or 2 resamples the "interval" need not even hold the estimate).
+MIN_RESAMPLES = 200
 
 # Two floating-point sums of the same numbers in another order may differ in their last bits: a resampled
 # difference this close to the observed one counts as equal to it.
 TIE_TOLERANCE = 1e-12
+
+
+def check_resamples(name: str, resamples) -> int:
+    """`resamples` (setting `name`) if it is 0 (no intervals) or at least MIN_RESAMPLES, else a ConfigError."""
+    check_int(name, resamples, minimum=0)
+    if 0 < resamples < MIN_RESAMPLES:
+        raise ConfigError(
+            f"{name}={resamples} resamples are too few for a 95% interval: use at least {MIN_RESAMPLES} (2000 is "
+            f"the default), or {name}=0 for no intervals."
+        )
+    return resamples
 
 
 def resample_weights(n_images: int, resamples: int, rng: np.random.Generator) -> np.ndarray:

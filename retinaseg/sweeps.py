@@ -5,6 +5,7 @@ folds pooled, the checkpoint x dataset table of an evaluation sweep, DDP inside 
 retinaseg.train calls `relaunch_ranks_as_this_job`.
 """
 
+import atexit
 import copy
 import csv
 import functools
@@ -30,8 +31,7 @@ from retinaseg.runs.safe_io import write_text
 
 log = logging.getLogger(__name__)
 
-# Each job's record, in its own directory, and the sweep's summary, in the sweep directory.
-JOB_FILE = "sweep_job.yaml"
+# The sweep's summary, in the sweep directory (each job's record, in its own: RunDir.job_record).
 SUMMARY_FILE = "sweep_summary.yaml"
 # The table of an evaluation sweep, in its directory.
 EVAL_TABLE = "eval_summary"
@@ -95,6 +95,13 @@ class SweepSummary(Callback):
         if direction not in ("maximize", "minimize"):
             raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
         self.direction = direction
+        self.reported = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # When a job failed, Hydra's sweeper raises its error at the end of the sweep, and on_multirun_end is not
+        # called: the sweep's results are then logged as the process exits.
+        if rank_zero_only.rank == 0:
+            atexit.register(self.report, config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         # Only multirun jobs, once each (DDP processes of a job started by SLURM all run it).
@@ -107,7 +114,7 @@ class SweepSummary(Callback):
             "dir": config.hydra.runtime.output_dir,
         }
         if OmegaConf.select(config, "data.folds"):
-            record["folds"], record["fold"] = config.data.folds, config.data.fold
+            record["folds"], record["fold"] = config.data.folds, config.data.fold or 0  # null: fold 0
         if job_return.status == JobStatus.COMPLETED:
             value = job_return.return_value
             record["value"] = None if value is None else float(value)
@@ -121,10 +128,17 @@ class SweepSummary(Callback):
             log.error(
                 "job #%s failed (overrides: %s): %s", record["job"], " ".join(record["overrides"]), record.get("error")
             )
-        write_text(Path(record["dir"], JOB_FILE), yaml.safe_dump(record, sort_keys=False))
+        write_text(RunDir(record["dir"]).job_record, yaml.safe_dump(record, sort_keys=False))
         self.write_summary(Path(config.hydra.sweep.dir), OmegaConf.select(config, "optimized_metric"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self.report(config)
+
+    def report(self, config: DictConfig) -> None:
+        """Log the cross-validation results and the best job of the sweep (once)."""
+        if self.reported:
+            return
+        self.reported = True
         summary = self.write_summary(Path(config.hydra.sweep.dir), OmegaConf.select(config, "optimized_metric"))
         for result in summary.get("cross_validation", []):
             if "pooled" in result:
@@ -162,7 +176,8 @@ class SweepSummary(Callback):
 
     def write_summary(self, sweep_dir: Path, metric: str) -> dict:
         jobs = sorted(
-            (yaml.safe_load(path.read_text()) for path in sweep_dir.rglob(JOB_FILE)), key=lambda job: job["job"]
+            (yaml.safe_load(path.read_text()) for path in sweep_dir.rglob(RunDir(sweep_dir).job_record.name)),
+            key=lambda job: job["job"],
         )
         scored = [job for job in jobs if job.get("value") is not None and math.isfinite(job["value"])]
         pick = max if self.direction == "maximize" else min
@@ -183,7 +198,8 @@ class SweepSummary(Callback):
 class EvalSweepSummary(SweepSummary):
     """SweepSummary for `python -m retinaseg.eval -m ckpt_path=a.ckpt,b.ckpt data=drive,stare`: also writes
     `eval_summary.md` and `eval_summary.csv` into the sweep directory, one row per checkpoint x dataset (from
-    each job's metrics.json): F1, AUC, sensitivity and specificity pooled over the FOV pixels of the split."""
+    each job's metrics.json): F1, AUC, sensitivity and specificity pooled over the FOV pixels of the split. The
+    jobs that failed are listed under the table, with their overrides and error."""
 
     def write_summary(self, sweep_dir: Path, metric: str | None) -> dict:
         summary = super().write_summary(sweep_dir, metric)
@@ -202,5 +218,9 @@ class EvalSweepSummary(SweepSummary):
         for row in rows:
             cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()]
             lines.append("| " + " | ".join(cells) + " |")
+        failed = [job for job in summary["jobs"] if job["status"] != "COMPLETED"]
+        if failed:
+            lines += ["", f"{len(failed)} job(s) failed, not in the table:", ""]
+            lines += [f"- #{job['job']} ({' '.join(job['overrides'])}): {job.get('error')}" for job in failed]
         write_text(sweep_dir / f"{EVAL_TABLE}.md", "\n".join(lines) + "\n")
         return summary

@@ -4,6 +4,7 @@ import pytest
 
 from helpers import TINY_SYNTHETIC, compose_config
 from retinaseg.benchmark import BACKEND_VARIANTS, REPORTED_FLAGS, benchmark, table
+from retinaseg.errors import ConfigError
 
 
 @pytest.mark.slow
@@ -26,3 +27,11 @@ def test_benchmark_measures_every_variant(tmp_path):
     assert all(row["skipped"] or row["seconds_per_image"] > 0 for row in result["backends"])
     assert all(row["variant"] in table(result) for row in result["backends"])
     assert set(result["machine"]["cpu_flags"]) <= set(REPORTED_FLAGS)
+
+
+def test_benchmark_never_overwrites_a_file(tmp_path):
+    existing = tmp_path / "model.ckpt"
+    existing.write_bytes(b"a checkpoint")
+    with pytest.raises(ConfigError, match=f"output={existing} exists and is not overwritten"):
+        benchmark(compose_config("benchmark", [f"output={existing}"], tmp_path))
+    assert existing.read_bytes() == b"a checkpoint"

@@ -3,6 +3,7 @@ cannot be paired honestly are refused in one line."""
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ from helpers import compose_config, error_lines, run_entry_point
 from retinaseg.compare import compare
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError, DataError
-from retinaseg.eval import write_outputs
+from retinaseg.eval import write_metrics, write_outputs
 from retinaseg.metrics import HEADLINE, Histograms, ImageCounts, score
 
 
@@ -38,6 +39,7 @@ def write_evaluation(directory, quality: float, threshold: float = 0.5, threshol
     )
     scores.metrics.update(threshold=threshold, threshold_from=threshold_from, split="test", n_images=n)
     write_outputs(directory, scores, probs, samples)
+    write_metrics(directory, scores.metrics)
     return directory
 
 
@@ -294,3 +296,24 @@ def test_a_and_b_are_described_and_what_differs_is_named(tmp_path):
     assert "- a and b differ in: tta, backend" in table
     assert "| backend | torch | openvino | yes |" in table and "| dataset | drive | drive |  |" in table
     assert json.loads((tmp_path / "compare" / "comparison.json").read_text())["differs_in"] == ["tta", "backend"]
+
+
+def test_an_unfinished_evaluation_a_training_run_and_a_sweep_are_named_as_such(tmp_path):
+    directory = write_evaluation(tmp_path / "eval", quality=2.0)
+    for folder, task, files in (
+        ("unfinished", "eval", ["per_image.csv", "histograms.npz"]),
+        ("training", "train", ["metrics.json"]),
+    ):
+        (tmp_path / folder / ".hydra").mkdir(parents=True)
+        (tmp_path / folder / ".hydra" / "config.yaml").write_text(f"task_name: {task}\n")
+        for name in files:
+            shutil.copy(directory / name, tmp_path / folder)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "multirun.yaml").write_text("task_name: eval\n")
+    for folder, message in (
+        ("unfinished", "its evaluation did not finish (metrics.json, written last, is missing)"),
+        ("training", "is a train run, not an evaluation: evaluate its checkpoint"),
+        ("sweep", "is the sweep directory of a multirun"),
+    ):
+        with pytest.raises(DataError, match=re.escape(message)):
+            run_compare(directory, tmp_path / folder, tmp_path / f"refused_{folder}")

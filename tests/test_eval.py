@@ -13,8 +13,9 @@ from skimage import measure
 from skimage.morphology import skeletonize
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import compose_config, read_split, wandb_runs
+from helpers import TINY_SYNTHETIC, compose_config, read_split, wandb_runs, write_checkpoint
 from retinaseg import protocols
+from retinaseg.errors import ConfigError
 from retinaseg.eval import evaluate
 from retinaseg.metrics import HEADLINE, REPORTED, Histograms
 
@@ -208,3 +209,25 @@ def test_eval_entry_point_reports_a_bad_checkpoint_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert "is not a PyTorch file" in result.stderr and "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """An untrained checkpoint of a small model trained (as recorded) on 4 synthetic images."""
+    return write_checkpoint(tmp_path / "model.ckpt", compose_config("train", TINY_SYNTHETIC, tmp_path))
+
+
+def test_metrics_json_is_written_last_so_an_interrupted_eval_has_none(tiny_checkpoint, tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("retinaseg.eval.draw_plots", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(compose_config("eval", [f"ckpt_path={tiny_checkpoint}", "bootstrap=0"], tmp_path / "eval"))
+    assert (tmp_path / "eval" / "per_image.csv").is_file() and not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_validation_images_of_another_dataset_are_refused(tiny_checkpoint, tmp_path):
+    settings = [f"ckpt_path={tiny_checkpoint}", "split=val", "data=drive", "bootstrap=0"]
+    with pytest.raises(ConfigError, match=r"split=val scores the validation images .* \(synthetic\), not images of "):
+        evaluate(compose_config("eval", settings, tmp_path / "eval"))

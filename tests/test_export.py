@@ -89,3 +89,32 @@ def test_the_command_prints_only_what_it_wrote(weights, tmp_path):
     printed = (result.stdout + result.stderr).splitlines()
     assert all("][retinaseg." in line or "][__main__][" in line for line in printed), printed
     assert "mine.onnx (probabilities) and" in printed[-1]
+
+
+def test_a_json_model_name_is_refused_before_anything_is_written(weights, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"model.json: the model's description is written beside it .*file=.*model\.onnx"
+    ):
+        export(compose_config("export", [f"ckpt_path={weights}", f"file={tmp_path / 'model.json'}"], tmp_path))
+    assert not (tmp_path / "model.json").exists()
+
+
+def test_an_interrupted_export_leaves_nothing_half_done(weights, tmp_path, monkeypatch):
+    cfg = compose_config("export", [f"ckpt_path={weights}"], tmp_path)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("retinaseg.export.to_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(cfg)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    # A process killed outright leaves the description without its model: the next export completes the pair.
+    (tmp_path / "model.json").write_text(json.dumps({"model": "model.onnx", "format": "onnx"}))
+    assert export(cfg) == tmp_path / "model.onnx"
+    assert json.loads((tmp_path / "model.json").read_text())["threshold"] == 0.5
+    # A .json of the user's own is not taken for one.
+    (tmp_path / "other.json").write_text('{"mine": true}')
+    with pytest.raises(ConfigError, match="other.json exists and is not overwritten"):
+        export(compose_config("export", [f"ckpt_path={weights}", f"file={tmp_path / 'other.onnx'}"], tmp_path))

@@ -13,7 +13,7 @@ from retinaseg.calibration import Reliability
 from retinaseg.compare import compare_with_literature
 from retinaseg.data.sample import Sample
 from retinaseg.errors import ConfigError, DataError
-from retinaseg.eval import write_outputs
+from retinaseg.eval import write_metrics, write_outputs
 from retinaseg.metrics import Histograms, score
 
 # Two images of 2x3 pixels; the FOV is the first two columns (4 pixels), the last column lies outside it.
@@ -145,6 +145,7 @@ def write_drive_like_evaluation(directory, split: str, n: int, seed: int, checkp
         threshold=0.5, threshold_from="fixed", dataset="drive", split=split, n_images=n, checkpoint=checkpoint
     )
     write_outputs(directory, scores, probs, samples)
+    write_metrics(directory, scores.metrics)
     return directory
 
 

@@ -1,6 +1,7 @@
 """Run directories: one run each, never one inside another, one process at a time; what a resume keeps; nothing
 the user owns overwritten by eval or predict."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.errors import ConfigError
 from retinaseg.predict import predict
 from retinaseg.runs.metrics_csv import MetricsCSVLogger
-from retinaseg.runs.rundir import ClaimRunDirectory, RunDir
+from retinaseg.runs.rundir import ClaimRunDirectory, RunDir, RunLock
 
 
 def training_run(path) -> RunDir:
@@ -162,3 +163,93 @@ def test_predict_never_overwrites_a_file_nor_reads_its_own_outputs(photos, tmp_p
     (out / ".hydra" / "config.yaml").write_text("task_name: predict\n")
     with pytest.raises(ConfigError, match="is the output folder of an earlier predict run"):
         run(input=out, fov="null", output_dir=tmp_path / "again")
+
+
+def sweep_config(sweep, task: str = "train") -> OmegaConf:
+    """What ClaimRunDirectory reads of a multirun's config."""
+    return OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "task_name": task})
+
+
+def test_a_multirun_claims_its_sweep_directory_as_a_run_claims_its_own(tmp_path, capsys):
+    # An earlier sweep's directory: its jobs' records and results (a test=false sweep would have reported them).
+    old = tmp_path / "old_sweep"
+    job = RunDir(old / "0")
+    job.config.parent.mkdir(parents=True)
+    job.config.write_text("task_name: train\n")
+    job.test_counts.write_bytes(b"the first sweep's counts")
+    (old / "multirun.yaml").write_text("task_name: train\n")
+    before = snapshot(old)
+    run = training_run(tmp_path / "run")
+    for sweep, message in (
+        (old, "already holds a train run"),
+        (run.path, "already holds a train run"),
+        (run.path / "inside", "is inside the train run"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            ClaimRunDirectory().on_multirun_start(sweep_config(sweep, "eval"))
+        assert stop.value.code == 2
+        (line,) = error_lines(capsys.readouterr().err)
+        assert message in line and "hydra.sweep.dir" in line
+    assert snapshot(old) == before
+
+    # One multirun at a time in a sweep directory.
+    ClaimRunDirectory().on_multirun_start(sweep_config(tmp_path / "new"))
+    with pytest.raises(SystemExit):
+        ClaimRunDirectory().on_multirun_start(sweep_config(tmp_path / "new"))
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "is in use by process" in line and "choose another hydra.sweep.dir" in line
+    RunLock(RunDir(tmp_path / "new").lock).release()
+
+
+def test_eval_sweeps_never_write_over_a_run_nor_each_other(tmp_path):
+    cfg = compose_config("train", TINY_SYNTHETIC, tmp_path)
+    first, second = write_checkpoint(tmp_path / "a.ckpt", cfg), write_checkpoint(tmp_path / "b.ckpt", cfg)
+    run = training_run(tmp_path / "run")
+    before = snapshot(run.path)
+    sweep = ["-m", f"ckpt_path={first}", "bootstrap=0", "plot_images=0"]
+    into_run = run_entry_point("eval", [*sweep, f"hydra.sweep.dir={run.path}", "hydra.sweep.subdir=."], tmp_path)
+    assert into_run.returncode == 2 and "Traceback" not in into_run.stderr, into_run.stderr[-3000:]
+    (line,) = error_lines(into_run.stderr)
+    assert "already holds a train run" in line
+    assert snapshot(run.path) == before
+
+    done = run_entry_point("eval", [*sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept = snapshot(tmp_path / "sweep")
+    again = run_entry_point("eval", [*sweep, "threshold=0.3", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert again.returncode == 2 and "already holds an eval run" in error_lines(again.stderr)[0]
+    assert snapshot(tmp_path / "sweep") == kept
+
+    # Two jobs given one directory: the second is refused before it writes a result over the first's.
+    shared = run_entry_point(
+        "eval",
+        ["-m", f"ckpt_path={first},{second}", "bootstrap=0", "plot_images=0", "hydra.sweep.subdir=.",
+         f"hydra.sweep.dir={tmp_path / 'shared'}"],
+        tmp_path,
+    )  # fmt: skip
+    assert shared.returncode == 2 and "Traceback" not in shared.stderr, shared.stderr[-3000:]
+    (line,) = error_lines(shared.stderr)
+    assert "already holds an earlier job's results" in line
+    assert json.loads(RunDir(tmp_path / "shared").metrics.read_text())["checkpoint"] == str(first)
+    assert not RunDir(tmp_path / "shared").lock.exists()
+
+
+def test_a_command_that_fails_before_working_leaves_nothing(photos, tmp_path):
+    folder, masks, ckpt = photos
+    args = [f"input={folder}", f"fov={masks}"]
+    out = tmp_path / "out"
+    failed = run_entry_point("predict", ["ckpt_path=missing.ckpt", *args, f"output_dir={out}"], tmp_path)
+    assert failed.returncode == 2 and not out.exists(), failed.stderr[-3000:]
+    # An existing folder keeps what it held, and nothing more.
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("the user's own file")
+    failed = run_entry_point("predict", ["ckpt_path=missing.ckpt", *args, f"output_dir={tmp_path / 'user'}"], tmp_path)
+    assert failed.returncode == 2 and snapshot(tmp_path / "user") == {Path("notes.txt"): b"the user's own file"}
+    # The rerun, corrected, is not refused; a third into the same folder is, naming output_dir.
+    assert run_entry_point("predict", [f"ckpt_path={ckpt}", *args, f"output_dir={out}"], tmp_path).returncode == 0
+    again = run_entry_point("predict", [f"ckpt_path={ckpt}", *args, f"output_dir={out}"], tmp_path)
+    (line,) = error_lines(again.stderr)
+    assert "already holds a predict run" in line and "Choose another output_dir" in line
+    # Other commands alike: a mistake in the settings leaves no run directory.
+    failed = run_entry_point("eval", [f"ckpt_path={ckpt}", "bootstrap=2", f"hydra.run.dir={tmp_path / 'e'}"], tmp_path)
+    assert failed.returncode == 2 and not (tmp_path / "e").exists(), failed.stderr[-3000:]

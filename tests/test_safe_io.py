@@ -46,6 +46,17 @@ def test_a_failed_write_keeps_the_previous_file_and_says_why(tmp_path):
     assert path.read_text() == "{}" and os.listdir(tmp_path) == ["metrics.json"]
 
 
+def test_a_read_only_filesystem_is_one_clear_error(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    # On a read-only filesystem the temporary file cannot be made, nor removed.
+    monkeypatch.setattr("builtins.open", read_only)
+    monkeypatch.setattr("pathlib.Path.unlink", read_only)
+    with pytest.raises(ConfigError, match="cannot write .*model.onnx: Read-only file system"):
+        write_atomically(tmp_path / "model.onnx", lambda file: file.write(b"model"))
+
+
 def test_a_full_disk_when_new_columns_appear_keeps_every_row_of_metrics_csv(small_disk):
     """Lightning's CSVLogger rewrites metrics.csv in place when a column appears (the test metrics at the end of a
     run): on a full disk the file was truncated and the training rows lost."""
@@ -70,11 +81,12 @@ def checkpoint(tmp_path):
 
 def test_a_full_disk_in_eval_is_one_error_and_leaves_no_partial_file(small_disk, checkpoint):
     run = small_disk / "eval"
-    # Room for metrics.json, per_image.csv and histograms.npz, not the probability maps.
+    # Room for per_image.csv and histograms.npz, not the probability maps; metrics.json, written last, is missing:
+    # the evaluation did not finish.
     fill_disk(small_disk, left=48 * 1024)
     with pytest.raises(DiskFullError, match="probabilities.npz: the disk is full"):
         evaluate(compose_config("eval", [f"ckpt_path={checkpoint}"], run))
-    assert sorted(p.name for p in run.iterdir()) == ["histograms.npz", "metrics.json", "per_image.csv"]
+    assert sorted(p.name for p in run.iterdir()) == ["histograms.npz", "per_image.csv"]
 
 
 def test_a_full_disk_in_predict_is_one_error_and_leaves_no_partial_file(small_disk, checkpoint, tmp_path):

@@ -1,12 +1,15 @@
 """Splits (official, validation by image, k-fold), data.scale with scores at the original resolution, labels
 read through luminance, the AUC of training's metrics in constant memory, and the counts cross-validation pools."""
 
+import hydra
 import numpy as np
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import encode, make_drive
+from helpers import TINY_SYNTHETIC, compose_config, encode, make_drive, write_checkpoint
+from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.datamodule import FundusDataModule, PatchDataset, WholeImageDataset
 from retinaseg.data.preprocess import Preprocessing, read_mask, resize_mask, resize_probabilities
 from retinaseg.data.sources.synthetic import synthetic_samples
@@ -120,3 +123,27 @@ def test_image_counts_saved_and_loaded_pool_like_their_pixels(tmp_path):
     y = np.concatenate([label[fov] for _, labels, fovs in folds for label, fov in zip(labels, fovs)])
     assert pooled["f1"] == pytest.approx(f1_score(y, p > 0.5), abs=1e-9)
     assert pooled["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-4)
+
+
+def test_a_fold_without_folds_is_refused_and_old_checkpoints_still_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.fold=1 is set without data.folds.*Set data.folds too"):
+        FundusDataModule(dataset="synthetic", fold=1)
+    cfg = compose_config("train", TINY_SYNTHETIC + ["data.fold=0"], tmp_path)
+    with pytest.raises(InstantiationException, match="data.fold=0 is set without data.folds"):
+        hydra.utils.instantiate(cfg.data)
+    # data.folds alone tests fold 0.
+    settings = dict(dataset="synthetic", synthetic_images=3, synthetic_size=(64, 64), val_images=1, folds=2)
+    assert FundusDataModule(**settings).ids("test") == FundusDataModule(**settings, fold=0).ids("test")
+    # Checkpoints written when data.fold was 0 by default record it without data.folds.
+    path = write_checkpoint(tmp_path / "old.ckpt", compose_config("train", TINY_SYNTHETIC, tmp_path))
+    content = torch.load(path, weights_only=True)
+    content["datamodule_hyper_parameters"]["fold"] = 0
+    torch.save(content, path)
+    assert FundusDataModule(**load_checkpoint(path).data).ids("test")
+
+
+def test_a_scale_that_leaves_too_few_pixels_is_refused():
+    image = synthetic_samples(1, height=584, width=565)[0].image
+    assert Preprocessing(scale=32 / 565).image(image).shape == (33, 32, 3)
+    with pytest.raises(ConfigError, match=r"scale 1e-09 makes a 584x565 image 1x1 pixels, under the 32 a side"):
+        Preprocessing(scale=1e-9).image(image)

@@ -6,8 +6,12 @@ import itertools
 import numpy as np
 import pytest
 
+from helpers import compose_config
 from retinaseg import stats
+from retinaseg.compare import compare
 from retinaseg.data.sources.synthetic import synthetic_samples
+from retinaseg.errors import ConfigError
+from retinaseg.eval import evaluate
 from retinaseg.metrics import ImageCounts, count_images
 
 
@@ -101,3 +105,15 @@ def test_the_p_value_approximates_the_exact_permutation_test():
     (difference,) = stats.paired_comparison(mean, 8, 20000, seed=0).values()
     assert 0.02 < exact < 0.5  # neither trivially significant nor trivially not
     assert difference.p_value == pytest.approx(exact, abs=0.01)
+
+
+def test_too_few_resamples_for_a_95_interval_are_refused(tmp_path):
+    assert stats.check_resamples("bootstrap", 0) == 0 and stats.check_resamples("bootstrap", 200) == 200
+    for resamples in (1, 2, stats.MIN_RESAMPLES - 1):
+        with pytest.raises(ConfigError, match=f"bootstrap={resamples} resamples are too few .* at least 200"):
+            stats.check_resamples("bootstrap", resamples)
+    # Both commands that print intervals check it before any work.
+    with pytest.raises(ConfigError, match="bootstrap=2 resamples are too few"):
+        evaluate(compose_config("eval", ["ckpt_path=missing.ckpt", "bootstrap=2"], tmp_path))
+    with pytest.raises(ConfigError, match="bootstrap=1 resamples are too few"):
+        compare(compose_config("compare", [f"a={tmp_path}", f"b={tmp_path}", "bootstrap=1"], tmp_path))

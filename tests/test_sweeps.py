@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from helpers import CONF, TINY_SYNTHETIC, run_module, wandb_runs
 from retinaseg.data.sources.synthetic import SyntheticCatalogue
 from retinaseg.metrics import REPORTED, ImageCounts
+from retinaseg.runs.rundir import RunDir
+from retinaseg.sweeps import EvalSweepSummary
 
 # Microseconds in the name keep sweeps started in the same second apart.
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}")
@@ -148,3 +150,29 @@ def test_cross_validation_sweep_pools_every_folds_test_images(tmp_path):
     assert cv["mean"]["f1"] == pytest.approx(np.mean([m["f1"] for m in folds]))
     assert cv["sd"]["f1"] == pytest.approx(np.std([m["f1"] for m in folds], ddof=1))
     assert "cross-validation, folds [0, 1] of 2: pooled over their test pixels" in result.stdout + result.stderr
+
+
+def test_an_eval_sweeps_table_lists_its_failed_jobs(tmp_path):
+    for job, status in ((0, "COMPLETED"), (1, "FAILED")):
+        run = RunDir(tmp_path / str(job))
+        run.path.mkdir()
+        record = {"job": job, "status": status, "overrides": [f"ckpt_path=m{job}.ckpt"], "dir": str(run.path)}
+        if status == "FAILED":
+            record["error"] = "DataError: m1.ckpt: no such file"
+        run.job_record.write_text(yaml.safe_dump(record))
+    RunDir(tmp_path / "0").metrics.write_text(json.dumps({"checkpoint": "m0.ckpt", "f1": 0.8}))
+    EvalSweepSummary().write_summary(tmp_path, None)
+    table = (tmp_path / "eval_summary.md").read_text()
+    assert "| m0.ckpt |" in table
+    assert "1 job(s) failed, not in the table:\n\n- #1 (ckpt_path=m1.ckpt): DataError: m1.ckpt: no such file" in table
+
+
+@pytest.mark.slow
+def test_a_failed_fold_leaves_the_others_pooled_in_the_log(tmp_path):
+    sweep = tmp_path / "sweep"
+    # Fold 5 of 2 fails as it starts; the sweep then ends with its error, the pooled result of fold 0 still logged.
+    args = ["data.folds=2", "data.fold=0,5", "data.synthetic_images=3", f"hydra.sweep.dir={sweep}"]
+    result = run_module(["-m", *TINY_SYNTHETIC, *args], cwd=tmp_path)
+    assert result.returncode != 0
+    logged = result.stdout + result.stderr
+    assert "job #1 failed" in logged and "cross-validation, folds [0] of 2: pooled over their test pixels" in logged

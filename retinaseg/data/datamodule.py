@@ -217,7 +217,7 @@ class FundusDataModule(L.LightningDataModule):
         root: str | None = None,
         scale: float = 1.0,
         folds: int | None = None,
-        fold: int = 0,
+        fold: int | None = None,
         val_images: int = 4,
         split_seed: int = 0,
         patch_size: int = 64,
@@ -242,7 +242,15 @@ class FundusDataModule(L.LightningDataModule):
         check_number("data.scale", scale, 0, include_minimum=False)
         if folds is not None:
             check_int("data.folds", folds, 2)
-            check_int("data.fold", fold, 0, folds - 1)
+            check_int("data.fold", 0 if fold is None else fold, 0, folds - 1)
+        elif fold is not None:
+            # Without folds the official split is used whatever the fold: `-m 'data.fold=range(5)'` alone would
+            # train the same run five times.
+            raise ConfigError(
+                f"data.fold={fold} is set without data.folds: a fold is one of data.folds=K cross-validation folds. "
+                "Set data.folds too (e.g. -m data.folds=5 'data.fold=range(5)'), or leave data.fold unset for the "
+                "dataset's official split."
+            )
         for name, value, minimum in (
             ("val_images", val_images, 1),
             ("split_seed", split_seed, None),
@@ -287,7 +295,8 @@ class FundusDataModule(L.LightningDataModule):
     def ids(self, part: str) -> list[str]:
         """The image ids of `part`: "train", "val", "test" or "all" (every labelled image)."""
         hp = self.hparams
-        return splits.split_ids(self.catalogue, part, hp.folds, hp.fold, hp.val_images, hp.split_seed)
+        fold = 0 if hp.fold is None else hp.fold
+        return splits.split_ids(self.catalogue, part, hp.folds, fold, hp.val_images, hp.split_seed)
 
     def samples(self, part: str) -> list[Sample]:
         """The Samples of `part` (see `ids`), as read: original resolution, no preprocessing."""

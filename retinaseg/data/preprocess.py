@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from retinaseg.errors import DataError, check_number
+from retinaseg.errors import ConfigError, DataError, check_number
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,22 @@ def equalize_contrast(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
+# The smallest side an image resized by `scale` may have: smaller, a photograph's vessels are a pixel or two
+# of blur, and its scores (at the original resolution) would be of a few pixels upsampled.
+MIN_SCALED_SIDE = 32
+
+
 def scaled_size(shape: Sequence[int], scale: float) -> tuple[int, int]:
-    """(height, width) of an image of `shape` resized by `scale`."""
-    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+    """(height, width) of an image of `shape` resized by `scale`; a ConfigError when `scale` shrinks a side under
+    MIN_SCALED_SIDE."""
+    height, width = max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+    if scale < 1 and min(height, width) < MIN_SCALED_SIDE:
+        raise ConfigError(
+            f"scale {scale:g} makes a {shape[0]}x{shape[1]} image {height}x{width} pixels, under the "
+            f"{MIN_SCALED_SIDE} a side the model needs to see vessels: use a larger scale (data.scale, or predict's "
+            "scale)."
+        )
+    return height, width
 
 
 def resize_image(image: np.ndarray, scale: float) -> np.ndarray:

@@ -4,6 +4,7 @@ Every file of a run that matters (checkpoints, CSV, JSON, npz, PNG) is written t
 to a temporary name beside it, flushed and synced, then renamed over it in one step.
 """
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable
@@ -37,7 +38,9 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> P
             os.fsync(file.fileno())
         os.replace(partial, path)
     except (OSError, RuntimeError) as error:
-        partial.unlink(missing_ok=True)
+        # On a read-only filesystem removing it fails too (EROFS): the error to report is the write's.
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         # torch.save reports a failed write as a RuntimeError raised while handling the OSError.
         cause = error if isinstance(error, OSError) else error.__context__
         if not isinstance(cause, OSError):
