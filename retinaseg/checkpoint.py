@@ -181,7 +181,7 @@ def load_pretrained(name: str) -> Checkpoint:
         return Checkpoint(
             folder / PACKAGED_WEIGHTS,
             settings["hyper_parameters"],
-            settings["data"],
+            current_data_settings(settings["data"]),
             state,
             name=name,
             references=References.of(references) if references else None,
@@ -208,6 +208,16 @@ def save_pretrained(checkpoint: Checkpoint, folder: Path, references: References
     ]
 
 
+def current_data_settings(data: dict) -> dict:
+    """A checkpoint's (or packaged model's) data settings as this version names them."""
+    data = dict(data)
+    if "source" in data:  # written before datasets were config groups (data.source: drive or synthetic)
+        data["dataset"] = data.pop("source")
+    if data.get("folds") is None:  # written when data.fold was 0 by default, ignored without data.folds
+        data.pop("fold", None)
+    return data
+
+
 def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
     if not isinstance(content, dict):
         return None
@@ -220,10 +230,7 @@ def _retinaseg_checkpoint(path: Path, content) -> Checkpoint | None:
         raise DataError(
             f"{path} has no data.mean/data.std (datamodule_hyper_parameters): it was not written by `python -m retinaseg.train`."
         )
-    if "source" in data:  # written before datasets were config groups (data.source: drive or synthetic)
-        data["dataset"] = data.pop("source")
-    if data.get("folds") is None:  # written when data.fold was 0 by default, ignored without data.folds
-        data.pop("fold", None)
+    data = current_data_settings(data)
     resumable = all(key in content for key in ("optimizer_states", "loops", "epoch", "global_step"))
     return Checkpoint(
         path,
