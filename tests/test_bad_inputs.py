@@ -43,7 +43,7 @@ def test_the_synthetic_layout_reads(drive):
 def test_a_root_that_is_not_drive_says_what_to_do(tmp_path, make, expected):
     with pytest.raises(DataError, match=expected) as error:
         read_split("drive", make(tmp_path), "train")
-    assert "data=synthetic" in str(error.value)
+    assert "experiment=demo" in str(error.value)
 
 
 def test_a_zip_without_the_drive_layout(tmp_path):

@@ -57,7 +57,7 @@ def test_missing_drive_is_one_clear_message(tmp_path):
     missing = tmp_path / "no-such-DRIVE"
     result = run_module(TINY + [f"data.root={missing}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode != 0
-    assert str(missing) in result.stderr and "data=synthetic" in result.stderr
+    assert str(missing) in result.stderr and "experiment=demo" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     # Once: one line on stderr, nothing on stdout; reported before Lightning prints its banner. Caught before any
     # work began, the run leaves no directory that would block the corrected command.

@@ -26,7 +26,7 @@ ROOT_ENV = "DRIVE_ROOT"
 HOW_TO_GET = (
     "DRIVE is distributed for research use by its authors (Staal et al., IEEE TMI 2004); download it "
     "(the folder or its zip with training/ and test/ inside) and pass data.root=<path> or set DRIVE_ROOT. "
-    "To try the project without it, run with data=synthetic."
+    "To try the project without it, run `python -m retinaseg.train experiment=demo` (synthetic images, seconds)."
 )
 FOLDERS = {"train": "training", "test": "test"}
 # A file of training/images/ or test/images/; group 1 is the folder they are in ("" or e.g. "DRIVE/").
