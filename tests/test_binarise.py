@@ -10,6 +10,7 @@ from PIL import Image
 
 from helpers import compose_config
 from retinaseg.binarise import Binarisation, binarise
+from retinaseg.compare import describe_binarisation
 from retinaseg.data.sample import Sample
 from retinaseg.errors import ConfigError
 from retinaseg.eval import best_binarisation, evaluate
@@ -130,3 +131,6 @@ def test_predict_and_eval_write_the_same_masks(drive_root, tmp_path):
     fov = np.array(Image.open(root / "test" / "mask" / "01_test_mask.gif").convert("L")) > 0
     assert not np.array_equal(evaluated > 0, (probs > 0.5) & fov)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["binarisation"] == chosen
+    # retinaseg.compare says how two evaluations binarised.
+    assert describe_binarisation(metrics).endswith("; hysteresis and min_size chosen by validation F1")
+    assert describe_binarisation({"threshold": 0.5}) == "off"
