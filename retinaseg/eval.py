@@ -179,9 +179,7 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(
-    output_dir: Path, scores: Scores, probs: dict[str, np.ndarray], samples: list[Sample], binarisation: Binarisation
-) -> None:
+def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray], samples: list[Sample]) -> None:
     """metrics.json, per_image.csv (and per_image_second_observer.csv), histograms.npz (inside and outside the FOV),
     probabilities.npz and predictions/<id>.png (0/255, zero outside the FOV): every number can be recomputed from
     them, and retinaseg.compare needs only the first three. Each is written to a temporary name and renamed: a full disk
@@ -213,7 +211,7 @@ def write_outputs(
     write_atomically(output_dir / "histograms.npz", lambda file: np.savez_compressed(file, **arrays))
     write_atomically(output_dir / "probabilities.npz", lambda file: np.savez_compressed(file, **probs))
     for s in samples:
-        mask = binarise(probs[s.id], s.fov, binarisation)
+        mask = binarise(probs[s.id], s.fov, scores.binarisation)
         write_png(output_dir / "predictions" / f"{s.id}.png", mask.astype(np.uint8) * 255)
 
 
@@ -349,7 +347,7 @@ def evaluate(cfg: DictConfig) -> dict:
         checkpoint=checkpoint.name or str(checkpoint.path.resolve()),
         bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
     )
-    write_outputs(output_dir, scores, probs, samples, binarisation)
+    write_outputs(output_dir, scores, probs, samples)
     figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images, reliability)
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})

@@ -394,6 +394,7 @@ class Scores:
     rows: list[dict]
     observer_rows: list[dict] | None
     counts: ImageCounts
+    binarisation: Binarisation  # how the probabilities became the masks scored
 
 
 def score(
@@ -435,7 +436,7 @@ def score(
         comparison = stats.paired_comparison(both.pooled, len(ids), resamples, seed)
         metrics["model_minus_second_observer"] = {key: value.to_json() for key, value in comparison.items()}
         observer_rows = per_image_rows(observer, observer.per_image())
-    return Scores(metrics, per_image_rows(counts, per_image), observer_rows, counts)
+    return Scores(metrics, per_image_rows(counts, per_image), observer_rows, counts, as_binarisation(binarisation))
 
 
 def bootstrap_ci95(counts: ImageCounts, resamples: int, seed: int) -> dict:
