@@ -47,6 +47,13 @@ class Binarisation:
         """Whether the mask is the probability above the threshold alone."""
         return self.hysteresis is None and self.min_size == 0
 
+    def words(self) -> str:
+        """How a plot's title says it: `probability > 0.5, joined down to 0.35, components of >= 150 px`."""
+        text = f"probability > {self.threshold:.3g}"
+        if self.hysteresis is not None:
+            text += f", joined down to {self.low_threshold:.3g}"
+        return text + (f", components of >= {self.min_size} px" if self.min_size else "")
+
     def to_json(self) -> dict:
         return {
             "threshold": self.threshold,
@@ -54,6 +61,11 @@ class Binarisation:
             "low_threshold": self.low_threshold,
             "min_size": self.min_size,
         }
+
+
+def as_binarisation(binarisation: Binarisation | float) -> Binarisation:
+    """The settings, or a plain threshold's."""
+    return binarisation if isinstance(binarisation, Binarisation) else Binarisation(float(binarisation))
 
 
 def binarise(prob: np.ndarray, fov: np.ndarray, settings: Binarisation) -> np.ndarray:

@@ -224,7 +224,7 @@ class PlotsCallback(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.rows:
-            path = plots.results_grid(self.rows, pl_module.hparams.threshold, self.dirpath / "predictions.png")
+            path = plots.results_grid(self.rows, pl_module.binarisation, self.dirpath / "predictions.png")
             plots.log_images(trainer.loggers, {"plots/predictions": path})
             log.info("test predictions: %s", path)
         self.rows = []

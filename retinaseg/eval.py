@@ -229,6 +229,7 @@ def draw_plots(
     samples: list[Sample],
     num_images: int,
     reliability: calibration.Reliability,
+    binarisation: Binarisation,
 ) -> dict[str, Path]:
     """plots/roc_pr.png and plots/reliability.png of the split, and plots/predictions.png of its first
     `num_images` images (none for 0)."""
@@ -254,7 +255,7 @@ def draw_plots(
             for s in samples[:num_images]
         ]
         figures["plots/predictions"] = plots.results_grid(
-            rows, threshold, output_dir / "plots" / "predictions.png", metrics["tta"]
+            rows, binarisation, output_dir / "plots" / "predictions.png", metrics["tta"]
         )
     return figures
 
@@ -348,7 +349,7 @@ def evaluate(cfg: DictConfig) -> dict:
         bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
     )
     write_outputs(output_dir, scores, probs, samples)
-    figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images, reliability)
+    figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images, reliability, binarisation)
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
     tracking.log_evaluation(

@@ -30,7 +30,7 @@ from torchmetrics.classification import (
 from torchmetrics.functional.classification import binary_auroc
 
 from retinaseg import stats
-from retinaseg.binarise import Binarisation, binarise
+from retinaseg.binarise import Binarisation, as_binarisation, binarise
 
 # The keys of metrics.json; sensitivity is recall under the name the DRIVE literature uses.
 REPORTED = ("f1", "auc", "accuracy", "sensitivity", "specificity", "precision", "recall", "iou")
@@ -445,11 +445,6 @@ def bootstrap_ci95(counts: ImageCounts, resamples: int, seed: int) -> dict:
         return {}
     cis = stats.bootstrap_intervals(counts.pooled, len(counts.ids), resamples, seed)
     return {"ci95": {key: list(ci) for key, ci in cis.items()}}
-
-
-def as_binarisation(binarisation: Binarisation | float) -> Binarisation:
-    """The settings, or a plain threshold's."""
-    return binarisation if isinstance(binarisation, Binarisation) else Binarisation(float(binarisation))
 
 
 def whole_image(

@@ -15,6 +15,7 @@ from retinaseg.data.sample import Sample
 from retinaseg.errors import ConfigError
 from retinaseg.eval import best_binarisation, evaluate
 from retinaseg.metrics import FOVMetrics, count_images
+from retinaseg.module import VesselSegmentationModule
 from retinaseg.predict import predict
 
 
@@ -134,3 +135,12 @@ def test_predict_and_eval_write_the_same_masks(drive_root, tmp_path):
     # retinaseg.compare says how two evaluations binarised.
     assert describe_binarisation(metrics).endswith("; hysteresis and min_size chosen by validation F1")
     assert describe_binarisation({"threshold": 0.5}) == "off"
+
+
+def test_the_module_binarises_its_batches_as_eval_does():
+    prob, fov, _ = hand_made()
+    module = VesselSegmentationModule(base_channels=4, depth=2, hysteresis=0.6, min_size=5)
+    probs, fovs = (torch.from_numpy(x)[None, None].repeat(2, 1, 1, 1) for x in (prob, fov))
+    masks = module.binarised(probs, fovs)
+    assert masks.shape == (2, 1, 40, 40)
+    assert np.array_equal(masks[1, 0].numpy(), binarise(prob, fov, Binarisation(0.5, 0.6, 5)))
