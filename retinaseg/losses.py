@@ -55,7 +55,8 @@ def cldice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - soft clDice: the harmonic mean of the predicted skeleton's share inside the label (topology precision)
     and the label skeleton's share inside the prediction (topology sensitivity), over the batch."""
     probs, target = torch.sigmoid(logits.float()), target.float()
-    precision = ((soft_skeleton(probs) * target).sum() + CLDICE_SMOOTH) / (soft_skeleton(probs).sum() + CLDICE_SMOOTH)
+    skeleton = soft_skeleton(probs)
+    precision = ((skeleton * target).sum() + CLDICE_SMOOTH) / (skeleton.sum() + CLDICE_SMOOTH)
     label_skeleton = soft_skeleton(target)
     sensitivity = ((label_skeleton * probs).sum() + CLDICE_SMOOTH) / (label_skeleton.sum() + CLDICE_SMOOTH)
     return 1 - 2 * precision * sensitivity / (precision + sensitivity)
