@@ -224,15 +224,15 @@ class PlotsCallback(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.rows:
-            path = plots.results_grid(self.rows, pl_module.hparams.threshold, self.dirpath / "predictions.png")
+            path = plots.results_grid(self.rows, pl_module.binarisation, self.dirpath / "predictions.png")
             plots.log_images(trainer.loggers, {"plots/predictions": path})
             log.info("test predictions: %s", path)
         self.rows = []
 
 
 class CountTestImages(L.Callback):
-    """Writes the run directory's `test_counts.npz` after testing: each test image's counts at the model's
-    threshold and its probabilities' histograms (retinaseg.metrics.ImageCounts, as eval keeps them). A
+    """Writes the run directory's `test_counts.npz` after testing: each test image's counts of the model's
+    binarised mask (retinaseg.binarise) and its probabilities' histograms (retinaseg.metrics.ImageCounts, as eval keeps them). A
     cross-validation sweep adds up its folds' files to score every image by the model that never saw it, pooled
     over all test pixels (retinaseg.sweeps).
 
@@ -253,7 +253,7 @@ class CountTestImages(L.Callback):
         for i, image in enumerate(batch["id"]):
             prob, label, fov = (x[i, 0].float().cpu().numpy() for x in (outputs["probs"], batch["label"], batch["fov"]))
             fov = fov > 0
-            self.counts.append(count_images([image], [prob], [label], [fov], pl_module.hparams.threshold, True))
+            self.counts.append(count_images([image], [prob], [label], [fov], pl_module.binarisation, True))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts = self.counts

@@ -226,6 +226,19 @@ def describe_threshold(metrics: dict) -> str:
     return rule if metrics["threshold_from"] == "fixed" else f"{rule} ({metrics['threshold']:.4f})"
 
 
+def describe_binarisation(metrics: dict) -> str:
+    """The binarisation options (retinaseg.binarise) beyond the threshold; "off" also for an evaluation older than
+    them."""
+    options = metrics.get("binarisation") or {}
+    parts = []
+    if options.get("hysteresis") is not None:
+        parts.append(f"hysteresis {options['hysteresis']:g} (low threshold {options['low_threshold']:.4g})")
+    if options.get("min_size"):
+        parts.append(f"min_size {options['min_size']}")
+    chosen = options.get("chosen_on_validation_images")
+    return (", ".join(parts) or "off") + (f"; {' and '.join(chosen)} chosen by validation F1" if chosen else "")
+
+
 # What says how an evaluation was made, in comparison.md's and .json's description of a and b: (name, how it is read
 # from metrics.json). An older metrics.json without an entry shows null.
 SETTINGS = (
@@ -234,6 +247,7 @@ SETTINGS = (
     ("split", lambda m: m.get("split")),
     ("images", lambda m: m.get("n_images")),
     ("threshold", describe_threshold),
+    ("binarisation", describe_binarisation),
     ("tta", lambda m: m.get("tta")),
     ("backend", lambda m: (m.get("inference") or {}).get("backend")),
     ("precision", lambda m: (m.get("inference") or {}).get("precision")),

@@ -90,10 +90,14 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    """An integer in [minimum, maximum] (either bound may be open)."""
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, or_one_of: tuple = ()):
+    """An integer in [minimum, maximum] (either bound may be open), or one of the values `or_one_of` (e.g. null or
+    "val"), returned as it is."""
+    if any(value is other or (isinstance(value, str) and value == other) for other in or_one_of):
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or not _within(value, minimum, maximum, True, True):
-        raise ConfigError(f"{name} must be an integer{_range(minimum, maximum, True, True)}; got {value!r}")
+        others = "".join(f" or {'null' if other is None else other}" for other in or_one_of)
+        raise ConfigError(f"{name} must be an integer{_range(minimum, maximum, True, True)}{others}; got {value!r}")
     return value
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
 from retinaseg import calibration, config, plots, stats, tracking
+from retinaseg.binarise import Binarisation, binarise
 from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
 from retinaseg.data import sources
 from retinaseg.data.datamodule import FundusDataModule
@@ -24,7 +25,7 @@ from retinaseg.data.preprocess import Preprocessing, resize_probabilities
 from retinaseg.data.sample import Sample, fov_source
 from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
 from retinaseg.inference import Runtime, on_backend
-from retinaseg.metrics import DISPLAY, Histograms, Scores, score
+from retinaseg.metrics import DISPLAY, Histograms, Scores, count_images, score
 from retinaseg.module import VesselSegmentationModule
 from retinaseg.progress import tracked
 from retinaseg.runs.safe_io import write_atomically, write_png, write_text
@@ -99,6 +100,30 @@ def best_f1_threshold(probs: dict[str, np.ndarray], samples: list[Sample]) -> fl
     # to the next lower probability selects the same pixels both ways.
     below = float(thresholds[best - 1]) if best > 0 else 0.0
     return (float(thresholds[best]) + below) / 2
+
+
+# What hysteresis=val and min_size=val choose from: lower thresholds as fractions of the threshold (None: off), and
+# the fewest pixels a component keeps (0: all).
+HYSTERESIS = (None, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+MIN_SIZES = (0, 10, 20, 30, 50, 75, 100, 150, 200, 300)
+
+
+def best_binarisation(
+    probs: dict[str, np.ndarray], samples: list[Sample], threshold: float, hysteresis, min_size
+) -> Binarisation:
+    """The binarisation at `threshold` whose F1 pooled over the FOV pixels of `samples` is highest (as
+    best_f1_threshold's), hysteresis and min_size each fixed or, where "val", chosen from the candidates above
+    (together where both are); of equal F1, the first candidate (the least change)."""
+    lows = HYSTERESIS if hysteresis == "val" else [hysteresis]
+    sizes = MIN_SIZES if min_size == "val" else [min_size]
+    ids, fovs = [s.id for s in samples], [s.fov for s in samples]
+    labels, maps = [s.label for s in samples], [probs[s.id] for s in samples]
+
+    def f1(settings: Binarisation) -> float:
+        return count_images(ids, maps, labels, fovs, settings, with_histograms=False).total()["f1"]
+
+    candidates = [Binarisation.checked(threshold, low, size) for low in lows for size in sizes]
+    return max(candidates, key=f1)  # max keeps the first of equal values
 
 
 def interval(value: float, ci: tuple[float, float] | None, decimals: int, sign: str = "") -> str:
@@ -185,7 +210,7 @@ def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray]
     write_atomically(output_dir / "histograms.npz", lambda file: np.savez_compressed(file, **arrays))
     write_atomically(output_dir / "probabilities.npz", lambda file: np.savez_compressed(file, **probs))
     for s in samples:
-        mask = (probs[s.id] > scores.metrics["threshold"]) & s.fov
+        mask = binarise(probs[s.id], s.fov, scores.binarisation)
         write_png(output_dir / "predictions" / f"{s.id}.png", mask.astype(np.uint8) * 255)
 
 
@@ -208,6 +233,7 @@ def draw_plots(
     samples: list[Sample],
     num_images: int,
     reliability: calibration.Reliability,
+    binarisation: Binarisation,
 ) -> dict[str, Path]:
     """plots/roc_pr.png and plots/reliability.png of the split, and plots/predictions.png of its first
     `num_images` images (none for 0)."""
@@ -233,7 +259,7 @@ def draw_plots(
             for s in samples[:num_images]
         ]
         figures["plots/predictions"] = plots.results_grid(
-            rows, threshold, output_dir / "plots" / "predictions.png", metrics["tta"]
+            rows, binarisation, output_dir / "plots" / "predictions.png", metrics["tta"]
         )
     return figures
 
@@ -242,6 +268,8 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score `cfg.ckpt_path` on `cfg.split`, write the run directory's files, return metrics.json's content."""
     check_choice("split", cfg.split, SPLITS)
     threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=("val",))
+    hysteresis = check_number("hysteresis", cfg.hysteresis, 0, 1, include_minimum=False, or_one_of=("val", None))
+    min_size = check_int("min_size", cfg.min_size, minimum=0, or_one_of=("val", None))
     check_bool("tta", cfg.tta)
     check_int("plot_images", cfg.plot_images, minimum=0)
     stats.check_resamples("bootstrap", cfg.bootstrap)
@@ -249,7 +277,9 @@ def evaluate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    if checkpoint.from_state_dict and (threshold == "val" or cfg.split == "val"):
+    settings = {"threshold": threshold, "hysteresis": hysteresis, "min_size": min_size}
+    chosen = [name for name, value in settings.items() if value == "val"]
+    if checkpoint.from_state_dict and (chosen or cfg.split == "val"):
         raise ConfigError(
             f"{checkpoint.path} is a plain state_dict, which does not record the images its training held out for "
             "validation: score it on split=test with a fixed threshold (threshold=0.5, the original's)."
@@ -258,6 +288,9 @@ def evaluate(cfg: DictConfig) -> dict:
     backend, precision = inference.pop("backend"), inference.pop("precision")
     module = checkpoint.build_module(inference).to(device)
     runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
+    # Unset options are the checkpoint's own (model.hysteresis, model.min_size).
+    hysteresis = module.binarisation.hysteresis if hysteresis is None else hysteresis
+    min_size = module.binarisation.min_size if min_size is None else min_size
     own, target = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
     if cfg.split == "val" and target is not own:
         raise ConfigError(
@@ -269,13 +302,23 @@ def evaluate(cfg: DictConfig) -> dict:
     own_data = FundusDataModule(**own)
     data = own_data if target is own else FundusDataModule(**target)
 
-    if threshold == "val" or cfg.split == "val":
-        # The training images only: test labels are never read to choose the threshold.
+    if chosen or cfg.split == "val":
+        # The training images only: test labels are never read to choose the threshold or the options.
         val_samples = own_data.samples("val")
         val_probs = predict_samples(module, runtime, val_samples, own_data.preprocessing, cfg.tta, "validation images")
     if threshold == "val":
         threshold = best_f1_threshold(val_probs, val_samples)
         log.info("threshold %.4f maximises F1 on the %d validation images", threshold, len(val_samples))
+    if "val" in (hysteresis, min_size):
+        binarisation = best_binarisation(val_probs, val_samples, threshold, hysteresis, min_size)
+        log.info(
+            "hysteresis %s and min_size %d maximise F1 on the %d validation images",
+            binarisation.hysteresis,
+            binarisation.min_size,
+            len(val_samples),
+        )
+    else:
+        binarisation = Binarisation.checked(threshold, hysteresis, min_size)
     if cfg.split == "val":
         data, samples, probs = own_data, val_samples, val_probs
     else:
@@ -290,7 +333,7 @@ def evaluate(cfg: DictConfig) -> dict:
         [probs[s.id] for s in samples],
         [s.label for s in samples],
         [s.fov for s in samples],
-        float(threshold),
+        binarisation,
         observer,
         cfg.bootstrap,
         cfg.seed,
@@ -301,6 +344,10 @@ def evaluate(cfg: DictConfig) -> dict:
         ece=reliability.ece,
         threshold=float(threshold),
         threshold_from="validation F1" if cfg.threshold == "val" else "fixed",
+        binarisation={
+            **binarisation.to_json(),
+            "chosen_on_validation_images": [name for name in chosen if name != "threshold"],
+        },
         region="fov",
         dataset=data.hparams.dataset,
         split=cfg.split,
@@ -313,7 +360,7 @@ def evaluate(cfg: DictConfig) -> dict:
         bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
     )
     write_outputs(output_dir, scores, probs, samples)
-    figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images, reliability)
+    figures = draw_plots(output_dir, metrics, probs, samples, cfg.plot_images, reliability, binarisation)
     write_metrics(output_dir, metrics)
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from retinaseg import config
+from retinaseg.binarise import Binarisation
 from retinaseg.checkpoint import Checkpoint, load_checkpoint
 from retinaseg.data.preprocess import CLAHE_CLIP_LIMIT, CLAHE_TILES
 from retinaseg.errors import ConfigError, check_choice, exit_on_user_error
@@ -67,9 +68,12 @@ def to_onnx(net: nn.Module, path: Path, output: str = "probabilities", channels:
 
 
 def description(checkpoint: Checkpoint, model_file: Path, output: str) -> dict:
-    """The JSON beside an exported model: its input, preprocessing, output and threshold."""
+    """The JSON beside an exported model: its input, preprocessing, output and binarisation."""
     hparams, pre = checkpoint.hyper_parameters, checkpoint.preprocessing()
-    threshold = float(hparams.get("threshold", 0.5))
+    binarisation = Binarisation.checked(
+        hparams.get("threshold", 0.5), hparams.get("hysteresis"), hparams.get("min_size", 0), "model."
+    )
+    threshold = binarisation.threshold
     preprocessing = {
         "steps": "RGB uint8 -> resized by scale (OpenCV INTER_AREA; only if scale != 1) -> CLAHE on the CIE L* "
         "lightness (only if clahe; OpenCV, on the whole image) -> / 255 -> (x - mean) / std per channel -> NCHW "
@@ -90,6 +94,10 @@ def description(checkpoint: Checkpoint, model_file: Path, output: str) -> dict:
         "threshold": threshold,
         # A vessel pixel is a probability above `threshold`, i.e. a logit above its logit.
         "logit_threshold": math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else None,
+        # Then, on each whole image inside its FOV (retinaseg.binarise): pixels above low_threshold connected
+        # (8-connected) to pixels above `threshold` are vessel too (null: off), and 8-connected vessel components
+        # of fewer than min_size pixels are dropped (0: none).
+        "binarisation": binarisation.to_json(),
         "network": {key: hparams[key] for key in ("in_channels", "base_channels", "depth") if key in hparams},
         "checkpoint": str(checkpoint.path.resolve()),
     }

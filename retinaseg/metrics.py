@@ -30,6 +30,7 @@ from torchmetrics.classification import (
 from torchmetrics.functional.classification import binary_auroc
 
 from retinaseg import stats
+from retinaseg.binarise import Binarisation, as_binarisation, binarise
 
 # The keys of metrics.json; sensitivity is recall under the name the DRIVE literature uses.
 REPORTED = ("f1", "auc", "accuracy", "sensitivity", "specificity", "precision", "recall", "iou")
@@ -81,13 +82,27 @@ class FOVMetrics(MetricCollection):
         }
         if with_auc:
             metrics["auc"] = HistogramAUROC()
-        super().__init__(metrics, prefix=prefix)
+        # No compute groups: `update` feeds each metric itself (masks to some, probabilities to the AUC), which
+        # state shared within a group would count twice.
+        super().__init__(metrics, prefix=prefix, compute_groups=False)
 
-    def update(self, probs: torch.Tensor, target: torch.Tensor, fov: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        probs: torch.Tensor,
+        target: torch.Tensor,
+        fov: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> None:
+        """`masks`: the binarised vessel masks (retinaseg.binarise) that the threshold metrics score instead of
+        probs > threshold; the AUC always scores the probabilities."""
         if fov is None:
             fov = torch.ones_like(target, dtype=torch.bool)
         fov = fov.bool()
-        super().update(probs.float()[fov], target[fov].long())
+        probs, target = probs.float()[fov], target[fov].long()
+        # A 0/1 mask is above any threshold in [0, 1) exactly where it is 1 (threshold 1 leaves no vessel either way).
+        predictions = probs if masks is None else masks[fov].float()
+        for name, metric in self.items(keep_base=True, copy_state=False):
+            metric.update(probs if name == "auc" else predictions, target)
 
 
 def reported(values: dict[str, torch.Tensor | float], prefix: str = "") -> dict[str, float]:
@@ -354,12 +369,14 @@ def count_images(
     probs: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
     fovs: Sequence[np.ndarray],
-    threshold: float,
+    binarisation: Binarisation | float,
     with_histograms: bool,
 ) -> ImageCounts:
-    """The counts of each image inside its FOV: prediction prob > threshold (as FOVMetrics), label non-zero; with
-    the probabilities' histograms unless `with_histograms` is false (binary masks)."""
-    predictions = [(p > threshold) & fov for p, fov in zip(probs, fovs)]
+    """The counts of each image inside its FOV: prediction the binarised mask (retinaseg.binarise; a number: prob >
+    that threshold, as FOVMetrics), label non-zero; with the probabilities' histograms unless `with_histograms` is
+    false (binary masks)."""
+    settings = as_binarisation(binarisation)
+    predictions = [binarise(p, fov, settings) for p, fov in zip(probs, fovs)]
     truths = [(t > 0) & fov for t, fov in zip(labels, fovs)]
     confusion = Confusion.of([p[fov] for p, fov in zip(predictions, fovs)], [t[fov] for t, fov in zip(truths, fovs)])
     histograms = None
@@ -377,6 +394,7 @@ class Scores:
     rows: list[dict]
     observer_rows: list[dict] | None
     counts: ImageCounts
+    binarisation: Binarisation  # how the probabilities became the masks scored
 
 
 def score(
@@ -384,7 +402,7 @@ def score(
     probs: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
     fovs: Sequence[np.ndarray],
-    threshold: float,
+    binarisation: Binarisation | float,
     second_observer: Sequence[np.ndarray] | None,
     resamples: int,
     seed: int,
@@ -392,7 +410,7 @@ def score(
     """The metrics of probability maps against labels inside the FOVs, pooled over the images, with bootstrap
     intervals (`resamples` of them, seeded; none for 0), their mean per image and over whole images; the second
     observer's binary masks the same way, and compared with the model on the same images."""
-    counts = count_images(ids, probs, labels, fovs, threshold, with_histograms=True)
+    counts = count_images(ids, probs, labels, fovs, binarisation, with_histograms=True)
     # The reported AUC is the exact one; the histograms' (within 1e-4 of it) serves the intervals.
     per_image = {**counts.per_image(), "auc": np.array([exact_auc(p[f], t[f]) for p, t, f in zip(probs, labels, fovs)])}
     fov_probs, fov_labels = (np.concatenate([x[f] for x, f in zip(xs, fovs)]) for xs in (probs, labels))
@@ -402,7 +420,7 @@ def score(
         "auc": exact_auc(fov_probs, fov_labels),
         **bootstrap_ci95(counts, resamples, seed),
         "per_image_mean": {key: float(np.mean(per_image[key])) for key in HEADLINE},
-        "whole_image": {**whole_image(probs, labels, threshold), "auc": exact_auc(all_probs, all_labels)},
+        "whole_image": {**whole_image(probs, labels, binarisation), "auc": exact_auc(all_probs, all_labels)},
     }
     observer_rows = None
     if second_observer is not None:
@@ -418,7 +436,7 @@ def score(
         comparison = stats.paired_comparison(both.pooled, len(ids), resamples, seed)
         metrics["model_minus_second_observer"] = {key: value.to_json() for key, value in comparison.items()}
         observer_rows = per_image_rows(observer, observer.per_image())
-    return Scores(metrics, per_image_rows(counts, per_image), observer_rows, counts)
+    return Scores(metrics, per_image_rows(counts, per_image), observer_rows, counts, as_binarisation(binarisation))
 
 
 def bootstrap_ci95(counts: ImageCounts, resamples: int, seed: int) -> dict:
@@ -429,9 +447,13 @@ def bootstrap_ci95(counts: ImageCounts, resamples: int, seed: int) -> dict:
     return {"ci95": {key: list(ci) for key, ci in cis.items()}}
 
 
-def whole_image(masks: Sequence[np.ndarray], labels: Sequence[np.ndarray], threshold: float) -> dict[str, float]:
-    """The threshold metrics over all pixels, FOV or not (as some papers count)."""
-    pooled = Confusion.of([m > threshold for m in masks], [t > 0 for t in labels]).pooled(np.ones(len(masks)))
+def whole_image(
+    masks: Sequence[np.ndarray], labels: Sequence[np.ndarray], binarisation: Binarisation | float
+) -> dict[str, float]:
+    """The threshold metrics over all pixels, FOV or not (as some papers count), binarised over the whole image."""
+    settings = as_binarisation(binarisation)
+    predictions = [binarise(m, np.ones(m.shape, bool), settings) for m in masks]
+    pooled = Confusion.of(predictions, [t > 0 for t in labels]).pooled(np.ones(len(masks)))
     return {key: float(value) for key, value in pooled.items()}
 
 

@@ -5,8 +5,10 @@ import math
 from collections.abc import Callable
 
 import lightning as L
+import numpy as np
 import torch
 
+from retinaseg.binarise import Binarisation, binarise
 from retinaseg.data.preprocess import resize_probabilities
 from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from retinaseg.inference import check_inference, flip_averaged, predict_probabilities
@@ -33,10 +35,13 @@ class VesselSegmentationModule(L.LightningModule):
         base_channels: int = 64,
         depth: int = 4,
         loss: str = "dice",
+        cldice_weight: float = 0.5,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         threshold: float = 0.5,
+        hysteresis: float | None = None,
+        min_size: int = 0,
         inference: dict | None = None,
         channels_last: bool = True,
         compile: bool = False,
@@ -46,10 +51,12 @@ class VesselSegmentationModule(L.LightningModule):
         for name, value in (("in_channels", in_channels), ("base_channels", base_channels), ("depth", depth)):
             check_int(f"model.{name}", value, minimum=1)
         check_choice("model.loss", loss, LOSSES)
+        check_number("model.cldice_weight", cldice_weight, 0)
         check_number("model.lr", lr, 0, include_minimum=False)
         check_number("model.weight_decay", weight_decay, 0)
         check_choice("model.scheduler", scheduler, SCHEDULERS)
-        check_number("model.threshold", threshold, 0, 1)
+        # How validation, test, eval and predict turn probabilities into vessel masks (retinaseg.binarise).
+        self.binarisation = Binarisation.checked(threshold, hysteresis, min_size, "model.")
         check_inference(inference or {}, "model.inference")
         check_bool("model.channels_last", channels_last)
         check_bool("model.compile", compile)
@@ -60,7 +67,7 @@ class VesselSegmentationModule(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         if compile:
             self.net.compile()
-        self.loss = SegmentationLoss(loss)
+        self.loss = SegmentationLoss(loss, cldice_weight)
         self.train_metrics = FOVMetrics(threshold, with_auc=False, prefix="train/")
         self.val_metrics = FOVMetrics(threshold, prefix="val/")
         self.test_metrics = FOVMetrics(threshold, prefix="test/")
@@ -101,8 +108,16 @@ class VesselSegmentationModule(L.LightningModule):
         # The loss takes logits; the round trip through logit is exact enough for a reported loss.
         loss = self.loss(torch.logit(probs, eps=1e-6), batch["label"])
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(probs), sync_dist=True)
-        metrics.update(probs, batch["label"], batch["fov"])
+        # A plain threshold is the metrics' own; the options need the whole image's connected components.
+        masks = None if self.binarisation.plain else self.binarised(probs, batch["fov"])
+        metrics.update(probs, batch["label"], batch["fov"], masks)
         return probs
+
+    def binarised(self, probs: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
+        """The vessel masks (N, 1, H, W) bool of probabilities (N, 1, H, W) by the model's binarisation."""
+        pairs = zip(probs[:, 0].float().cpu().numpy(), fov[:, 0].bool().cpu().numpy())
+        masks = np.stack([binarise(prob, inside, self.binarisation) for prob, inside in pairs])
+        return torch.from_numpy(masks)[:, None].to(probs.device)
 
     # The probabilities are returned so callbacks (plots, image logging) can use them without recomputing.
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

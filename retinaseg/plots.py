@@ -19,6 +19,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from torchmetrics.functional.classification import binary_roc
 
+from retinaseg.binarise import Binarisation, as_binarisation, binarise
 from retinaseg.calibration import Reliability
 from retinaseg.runs.safe_io import write_atomically
 
@@ -130,18 +131,21 @@ def inference_words(tta: bool) -> str:
     return "flip TTA" if tta else "no TTA"
 
 
-def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path, tta: bool = False) -> Path:
+def results_grid(
+    rows: Sequence[Mapping], binarisation: Binarisation | float, path: str | Path, tta: bool = False
+) -> Path:
     """One row per image: image | label | prediction | error map (the original's results.jpg, plus errors).
 
     Each row is a mapping with id, image ((H, W, 3) uint8 or a normalised (3, H, W) tensor), label, fov
-    and prob ((H, W) arrays); the prediction is prob > threshold inside the FOV. `tta`: whether the probabilities
-    were averaged over flips (said in the title).
+    and prob ((H, W) arrays); the prediction is prob binarised inside the FOV (retinaseg.binarise; a number: prob
+    > that threshold). `tta`: whether the probabilities were averaged over flips (said in the title).
     """
+    binarisation = as_binarisation(binarisation)
     fig = Figure(figsize=(12, 3.2 * len(rows)), layout="constrained")
     axes = np.asarray(fig.subplots(len(rows), 4, squeeze=False))
     for ax_row, row in zip(axes, rows):
         label, fov = np.asarray(row["label"]).astype(bool), np.asarray(row["fov"]).astype(bool)
-        prediction = (np.asarray(row["prob"]) > threshold) & fov
+        prediction = binarise(np.asarray(row["prob"]), fov, binarisation)
         tp, fp, fn = (
             (prediction & label & fov).sum(),
             (prediction & ~label & fov).sum(),
@@ -159,9 +163,7 @@ def results_grid(rows: Sequence[Mapping], threshold: float, path: str | Path, tt
         for c, name in ((TP_COLOUR, "true positive"), (FP_COLOUR, "false positive"), (FN_COLOUR, "false negative"))
     ]
     fig.legend(handles=legend, loc="outside lower center", ncols=3, facecolor="0.8")
-    fig.suptitle(
-        f"Image | label | prediction: probability > {threshold:.3g} inside the FOV ({inference_words(tta)}) | errors"
-    )
+    fig.suptitle(f"Image | label | prediction: {binarisation.words()} inside the FOV ({inference_words(tta)}) | errors")
     return save(fig, path)
 
 

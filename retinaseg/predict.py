@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from retinaseg import config
+from retinaseg.binarise import Binarisation, binarise
 from retinaseg.checkpoint import load_checkpoint, resolve_device
 from retinaseg.data.preprocess import (
     FORMATS,
@@ -32,7 +33,15 @@ from retinaseg.data.preprocess import (
     read_photograph,
     resize_probabilities,
 )
-from retinaseg.errors import ConfigError, DataError, UserError, check_bool, check_number, exit_on_user_error
+from retinaseg.errors import (
+    ConfigError,
+    DataError,
+    UserError,
+    check_bool,
+    check_int,
+    check_number,
+    exit_on_user_error,
+)
 from retinaseg.inference import available_memory, inference_memory, on_backend
 from retinaseg.progress import tracked
 from retinaseg.quality import Quality, assess
@@ -201,6 +210,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Segment every photograph of `cfg.input` into `cfg.output_dir`; return the masks written."""
     tta = check_bool("tta", cfg.tta)
     threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=(None,))
+    hysteresis = check_number("hysteresis", cfg.hysteresis, 0, 1, include_minimum=False, or_one_of=(None,))
+    min_size = check_int("min_size", cfg.min_size, minimum=0, or_one_of=(None,))
     device = resolve_device(cfg.device)
     photos = photographs(cfg.input)
     output_dir = output_folder(cfg.output_dir, photos)
@@ -220,11 +231,15 @@ def predict(cfg: DictConfig) -> list[Path]:
     backend, precision = inference.pop("backend"), inference.pop("precision")
     module = checkpoint.build_module(inference).to(device)
     runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
-    threshold = module.hparams.threshold if threshold is None else threshold
-    fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
-    log.info(
-        "segmenting %d photograph(s) on %s at threshold %.3g into %s", len(photos), module.device, threshold, output_dir
+    # Unset: the checkpoint's own (model.threshold, model.hysteresis, model.min_size), as eval's.
+    own = module.binarisation
+    binarisation = Binarisation.checked(
+        own.threshold if threshold is None else threshold,
+        own.hysteresis if hysteresis is None else hysteresis,
+        own.min_size if min_size is None else min_size,
     )
+    fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
+    log.info("segmenting %d photograph(s) on %s (%s) into %s", len(photos), module.device, binarisation, output_dir)
     if checkpoint.references is None:
         log.warning(
             "%s records no ranges of its training photographs: brightness, contrast, vessel density and size are "
@@ -249,7 +264,7 @@ def predict(cfg: DictConfig) -> list[Path]:
             x, tta, runtime, inference_that_fits(module, x.shape[-2:], photo, preprocessing.scale)
         )
         prob = resize_probabilities(prob, image.shape[:2])[0, 0].cpu().numpy() * fov
-        mask = (prob > threshold) & fov
+        mask = binarise(prob, fov, binarisation)
         prob_path, mask_path, overlay_path = (output_dir / name.format(photo.stem) for name in OUTPUTS)
         write_png(prob_path, np.round(prob * 255).astype(np.uint8))
         write_png(mask_path, mask.astype(np.uint8) * 255)

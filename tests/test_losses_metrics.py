@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retinaseg.losses import SegmentationLoss, dice_loss
+from retinaseg.losses import SegmentationLoss, cldice_loss, dice_loss, soft_skeleton
 from retinaseg.metrics import FOVMetrics, reported
 
 
@@ -23,7 +23,7 @@ def test_dice_loss_equals_the_seed_formula():
     assert float(dice_loss(torch.full((1, 1, 4, 4), 50.0), torch.ones(1, 1, 4, 4))) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["dice", "bce", "dice_bce"])
+@pytest.mark.parametrize("name", ["dice", "bce", "dice_bce", "dice_bce_cldice"])
 def test_losses_run_in_float32_under_autocast(name):
     loss = SegmentationLoss(name)
     logits = torch.randn(2, 1, 8, 8, requires_grad=True)
@@ -33,6 +33,7 @@ def test_losses_run_in_float32_under_autocast(name):
     assert value.dtype == torch.float32
     expected = {"dice": dice_loss(logits, target), "bce": F.binary_cross_entropy_with_logits(logits, target)}
     expected["dice_bce"] = expected["dice"] + expected["bce"]
+    expected["dice_bce_cldice"] = expected["dice_bce"] + 0.5 * cldice_loss(logits, target)
     torch.testing.assert_close(value, expected[name], rtol=2e-2, atol=1e-2)
     with pytest.raises(ValueError):
         SegmentationLoss("focal")
@@ -67,3 +68,35 @@ def test_metrics_ignore_pixels_outside_the_fov_and_pool_over_batches():
     assert values["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert values["iou"] == pytest.approx(tp / (tp + fp + fn))
     assert 0 < values["auc"] < 1
+
+
+def thick_line() -> torch.Tensor:
+    """(1, 1, 32, 32): a 7-pixel-wide horizontal bar, 20 pixels long."""
+    image = torch.zeros(1, 1, 32, 32)
+    image[..., 12:19, 6:26] = 1.0
+    return image
+
+
+def test_soft_skeleton_of_a_thick_line_is_thin():
+    bar = thick_line()
+    skeleton = soft_skeleton(bar)
+    assert skeleton.max() == 1.0 and ((skeleton > 0) <= (bar > 0)).all()
+    # One row thick along the bar's middle (the ends taper), far fewer pixels than the 140 of the bar.
+    rows = (skeleton[0, 0] > 0.5).any(dim=1).nonzero().flatten().tolist()
+    assert rows == [15] and 10 <= int((skeleton > 0.5).sum()) <= 20
+
+
+def test_cldice_loss_is_zero_for_a_perfect_prediction_and_differentiable():
+    target = thick_line()
+    assert float(cldice_loss((target * 2 - 1) * 50, target)) == pytest.approx(0.0, abs=1e-6)
+    logits = torch.zeros_like(target, requires_grad=True)
+    loss = SegmentationLoss("dice_bce_cldice", cldice_weight=0.5)(logits, target)
+    loss.backward()
+    assert loss > 0 and logits.grad.abs().sum() > 0
+    # Missing the bar's middle (a broken vessel) costs clDice; missing as many pixels along its edge costs less.
+    broken, thinned = target.clone(), target.clone()
+    broken[..., 12:19, 15:17] = 0
+    thinned[..., 12, 6:20] = 0
+    assert float(cldice_loss((broken * 2 - 1) * 50, target)) > float(cldice_loss((thinned * 2 - 1) * 50, target))
+    dice_bce = SegmentationLoss("dice_bce")(logits, target)
+    torch.testing.assert_close(loss, dice_bce + 0.5 * cldice_loss(logits, target))
