@@ -27,3 +27,10 @@ def fastest_precision() -> str:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     # On CPUs without native bf16 (e.g. AVX2-only), bf16 autocast measured 10-17x slower than float32.
     return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def compile_gains(device: torch.device) -> bool:
+    """Whether `model.compile=auto` compiles the network for training on `device`: on CUDA GPUs; not on CPUs, where
+    compiling the drive_cpu U-Net took minutes on 2 cores and returned less than that within a 15-minute budget
+    (docs/speed.md)."""
+    return device.type == "cuda"
