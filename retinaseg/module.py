@@ -58,6 +58,7 @@ class VesselSegmentationModule(L.LightningModule):
         self.save_hyperparameters()
         self.inference = {**DEFAULT_INFERENCE, **(inference or {})}
         self.net = UNet(in_channels, 1, base_channels, depth)
+        self.compiled = False  # whether configure_model compiled the net (model.compile)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.loss = SegmentationLoss(loss)
@@ -74,7 +75,8 @@ class VesselSegmentationModule(L.LightningModule):
         # and one per whole-image size, as the U-Net's padding arithmetic on symbolic sizes fails in inductor
         # (torch 2.13: "TensorReferenceAnalysis has no attribute python_mod").
         compile = self.hparams.compile
-        if compile is True or (compile == "auto" and compile_gains(self.trainer.strategy.root_device)):
+        self.compiled = compile is True or (compile == "auto" and compile_gains(self.trainer.strategy.root_device))
+        if self.compiled:
             self.net.compile(dynamic=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
