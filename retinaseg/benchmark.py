@@ -1,8 +1,10 @@
 """`python -m retinaseg.benchmark [overrides]`: training and inference speed, measured in one run.
 
-Training: patches per second of our Lightning training step (VesselSegmentationModule under a Trainer)
-against a plain PyTorch loop written like the original notebook (no Lightning, no channels_last), on the
-same model size, patches, batch size and data, at float32 and at our default precision. Inference:
+Training: patches per second of our Lightning training step (VesselSegmentationModule under a Trainer), eager
+and compiled (model.compile), channels_last and contiguous, against a plain PyTorch loop written like the original
+notebook (no Lightning, no channels_last), on the same model size, patches, batch size and data, at float32 and
+at our default precision; the seconds the first steps took beyond the others (the compilation), the share of
+the step spent waiting for data, and the training loader's patches per second alone. Inference:
 seconds per whole DRIVE test image for each inference mode, and for each backend and precision
 (retinaseg.inference.on_backend). Prints tables and writes JSON, with the CPU's flags.
 """
@@ -12,6 +14,7 @@ import json
 import logging
 import platform
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -21,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retinaseg import config
 from retinaseg.budget import StepTimer, timing_trainer
-from retinaseg.errors import ConfigError, check_choice, check_int, exit_on_user_error
+from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, exit_on_user_error
 from retinaseg.inference import MODES, on_backend
 from retinaseg.losses import SegmentationLoss
 from retinaseg.model import UNet
@@ -80,14 +83,43 @@ def plain_loop(cfg: DictConfig, loader, precision: str, device: torch.device) ->
     return time.perf_counter() - start
 
 
-def lightning_loop(cfg: DictConfig, datamodule, precision: str) -> float:
-    """Seconds for cfg.steps timed steps of our LightningModule under a Trainer, nothing else switched on."""
+@dataclass(frozen=True)
+class Variant:
+    """One training loop measured: `loop` "plain" (the notebook's) or "lightning" (ours, with the model's
+    channels_last and compile settings)."""
+
+    loop: str
+    precision: str
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        """`plain`, `lightning`, `lightning-channels_last`, `lightning-compiled`, `lightning-channels_last-compiled`."""
+        return "-".join([self.loop] + ["channels_last"] * self.channels_last + ["compiled"] * self.compile)
+
+
+def lightning_loop(cfg: DictConfig, datamodule, variant: Variant) -> StepTimer:
+    """cfg.steps timed steps of our LightningModule under a Trainer, nothing else switched on: its timer."""
     torch.manual_seed(cfg.seed)
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model = hydra.utils.instantiate(
+        cfg.model, channels_last=variant.channels_last, compile=variant.compile, _convert_="all"
+    )
     timer = StepTimer(cfg.warmup_steps)
-    trainer = timing_trainer(timer, cfg.warmup_steps + cfg.steps, precision=precision, limit_val_batches=0)
+    trainer = timing_trainer(timer, cfg.warmup_steps + cfg.steps, precision=variant.precision, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
-    return timer.end - timer.start
+    return timer
+
+
+def data_seconds(cfg: DictConfig, datamodule) -> float:
+    """Seconds per batch of the training loader alone (cutting, augmenting and batching patches), over
+    cfg.data_batches batches after one."""
+    batches = _batches(datamodule.train_dataloader(), cfg.data_batches + 1)
+    next(batches)  # the workers' start, where data.num_workers > 0
+    start = time.perf_counter()
+    for _ in batches:
+        pass
+    return (time.perf_counter() - start) / cfg.data_batches
 
 
 def inference_seconds(cfg: DictConfig, datamodule, mode: str, precision: str, device: torch.device) -> float:
@@ -116,6 +148,10 @@ def check_settings(cfg: DictConfig) -> None:
     check_int("inference_images", cfg.inference_images, minimum=1)
     if Path(cfg.output).expanduser().exists():
         raise ConfigError(f"output={cfg.output} exists and is not overwritten: choose another output=<path>.")
+    check_int("data_batches", cfg.data_batches, minimum=0)
+    for name in ("channels_last", "compile"):
+        for value in cfg[name]:
+            check_bool(f"{name}[]", value)
     for mode in cfg.inference_modes:
         check_choice("inference_modes[]", mode, MODES)
     if not cfg.precisions and cfg.inference_modes:
@@ -209,21 +245,47 @@ def benchmark(cfg: DictConfig) -> dict:
     patches = cfg.steps * cfg.data.batch_size
     pixels = patches * cfg.data.patch_size**2
 
-    variants = [("plain", p) for p in precisions] + [("lightning", p) for p in precisions]
-    best: dict[tuple[str, str], float] = {}
-    for _ in range(cfg.rounds):
-        for loop, prec in variants:
-            seconds = (
-                plain_loop(cfg, loader, prec, device) if loop == "plain" else lightning_loop(cfg, datamodule, prec)
-            )
-            best[(loop, prec)] = min(seconds, best.get((loop, prec), float("inf")))
-    training = [
-        {"loop": loop, "precision": prec, "seconds": s, "patches_per_s": patches / s, "pixels_per_s": pixels / s}
-        for (loop, prec), s in best.items()
+    variants = [Variant("plain", p) for p in precisions] + [
+        Variant("lightning", p, layout, compiled)
+        for p in precisions
+        for layout in dict.fromkeys(cfg.channels_last)
+        for compiled in dict.fromkeys(cfg.compile)
     ]
-    baseline = best[("plain", "32-true")] if ("plain", "32-true") in best else None
+    best: dict[Variant, float] = {}
+    first_steps: dict[Variant, float] = {}
+    waiting: dict[Variant, float] = {}
+    for _ in range(cfg.rounds):
+        for variant in variants:
+            if variant.loop == "plain":
+                seconds = plain_loop(cfg, loader, variant.precision, device)
+            else:
+                timer = lightning_loop(cfg, datamodule, variant)
+                seconds = timer.end - timer.start
+                # The first round's warm-up holds the compilation; later rounds reuse the compiled code.
+                first_steps[variant] = max(timer.warmup_s, first_steps.get(variant, 0.0))
+                if seconds < best.get(variant, float("inf")):
+                    waiting[variant] = timer.waiting_s / seconds
+            best[variant] = min(seconds, best.get(variant, float("inf")))
+    training = [
+        {
+            "name": variant.name,
+            **asdict(variant),
+            "seconds": s,
+            "patches_per_s": patches / s,
+            "pixels_per_s": pixels / s,
+            "first_steps_s": first_steps.get(variant),
+            "waiting_share": waiting.get(variant),
+        }
+        for variant, s in best.items()
+    ]
+    baseline = best.get(Variant("plain", "32-true"))
     for row in training:
         row["speedup_vs_plain_fp32"] = baseline / row["seconds"] if baseline else None
+        # Against today's default training step: eager, the configured model.channels_last, same precision.
+        eager = best.get(Variant("lightning", row["precision"], cfg.model.channels_last, False))
+        row["speedup_vs_eager"] = eager / row["seconds"] if eager and row["loop"] == "lightning" else None
+    data_s = data_seconds(cfg, datamodule) if cfg.data_batches else None
+    data = {"seconds_per_batch": data_s, "patches_per_s": cfg.data.batch_size / data_s} if data_s else None
     inference = [
         {
             "mode": mode,
@@ -256,6 +318,7 @@ def benchmark(cfg: DictConfig) -> dict:
             "inference": OmegaConf.to_container(cfg.model.inference),
         },
         "training": training,
+        "data": data,
         "inference": inference,
         "backends": backend_seconds(cfg, datamodule) if cfg.backends else [],
     }
@@ -263,12 +326,26 @@ def benchmark(cfg: DictConfig) -> dict:
 
 def table(result: dict) -> str:
     """The measured parts of `result`, one table each."""
-    lines = ["loop       precision    patches/s   Mpixels/s   vs plain fp32"] if result["training"] else []
+    lines = (
+        [
+            "loop       precision    layout          compiled  patches/s   Mpixels/s   vs plain fp32   vs eager"
+            "   first steps s   waiting for data"
+        ]
+        if result["training"]
+        else []
+    )
     for row in result["training"]:
-        ratio = f"{row['speedup_vs_plain_fp32']:.2f}x" if row["speedup_vs_plain_fp32"] else "-"
+        ratios = [f"{row[key]:.2f}x" if row[key] else "-" for key in ("speedup_vs_plain_fp32", "speedup_vs_eager")]
+        first = f"{row['first_steps_s']:.1f}" if row["first_steps_s"] is not None else "-"
+        share = f"{row['waiting_share']:.1%}" if row["waiting_share"] is not None else "-"
+        layout = "channels_last" if row["channels_last"] else "contiguous"
         lines.append(
-            f"{row['loop']:<10} {row['precision']:<12} {row['patches_per_s']:>9.1f}   {row['pixels_per_s'] / 1e6:>9.3f}   {ratio:>13}"
+            f"{row['loop']:<10} {row['precision']:<12} {layout:<15} {str(row['compile']):<9} "
+            f"{row['patches_per_s']:>9.1f}   {row['pixels_per_s'] / 1e6:>9.3f}   {ratios[0]:>13}   {ratios[1]:>8}"
+            f"   {first:>13}   {share:>16}"
         )
+    if result["data"]:
+        lines.append(f"training data alone: {result['data']['patches_per_s']:.0f} patches/s")
     if result["inference"]:
         lines.append("inference  precision    s/image     s/20 images")
     for row in result["inference"]:

@@ -15,10 +15,12 @@ from retinaseg.inference import check_inference, flip_averaged, predict_probabil
 from retinaseg.losses import LOSSES, SegmentationLoss
 from retinaseg.metrics import FOVMetrics
 from retinaseg.model import UNet, rename_legacy_keys
+from retinaseg.precision import compile_gains
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = (None, "cosine", "plateau")
+COMPILE = (False, True, "auto")
 DEFAULT_INFERENCE = {"mode": "whole", "window": 256, "overlap": 0.25, "batch_size": 4, "weighting": "gaussian"}
 
 
@@ -44,7 +46,7 @@ class VesselSegmentationModule(L.LightningModule):
         min_size: int = 0,
         inference: dict | None = None,
         channels_last: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         # Checked here, where the settings are read, so a bad one is named before anything is built.
@@ -59,18 +61,30 @@ class VesselSegmentationModule(L.LightningModule):
         self.binarisation = Binarisation.checked(threshold, hysteresis, min_size, "model.")
         check_inference(inference or {}, "model.inference")
         check_bool("model.channels_last", channels_last)
-        check_bool("model.compile", compile)
+        check_choice("model.compile", compile, COMPILE)
         self.save_hyperparameters()
         self.inference = {**DEFAULT_INFERENCE, **(inference or {})}
         self.net = UNet(in_channels, 1, base_channels, depth)
+        self.compiled = False  # whether configure_model compiled the net (model.compile)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        if compile:
-            self.net.compile()
         self.loss = SegmentationLoss(loss, cldice_weight)
         self.train_metrics = FOVMetrics(threshold, with_auc=False, prefix="train/")
         self.val_metrics = FOVMetrics(threshold, prefix="val/")
         self.test_metrics = FOVMetrics(threshold, prefix="test/")
+
+    def configure_model(self) -> None:
+        # Called by every trainer.fit/validate/test, also on a copy of the module (deepcopy drops the compiled
+        # call: retinaseg.budget's calibration copy compiles too, so its timing includes the compilation).
+        # `net.compile()` compiles the net's call in place: the registered module and the state_dict keys
+        # stay the eager ones (no `_orig_mod.`), so checkpoints load without compiling. Calling it again on
+        # a compiled net reuses what was compiled. Static shapes (dynamic=False): one graph for the training patches
+        # and one per whole-image size, as the U-Net's padding arithmetic on symbolic sizes fails in inductor
+        # (torch 2.13: "TensorReferenceAnalysis has no attribute python_mod").
+        compile = self.hparams.compile
+        self.compiled = compile is True or (compile == "auto" and compile_gains(self.trainer.strategy.root_device))
+        if self.compiled:
+            self.net.compile(dynamic=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, H, W)."""

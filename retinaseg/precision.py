@@ -27,3 +27,10 @@ def fastest_precision() -> str:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     # On CPUs without native bf16 (e.g. AVX2-only), bf16 autocast measured 10-17x slower than float32.
     return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def compile_gains(device: torch.device) -> bool:
+    """Whether `model.compile=auto` compiles the network on `device`: on CUDA GPUs (not measured in this project yet);
+    not on CPUs, where drive_cpu's compiled step ran at 0.44x-0.92x of the eager one on a shared 2-core AVX-512
+    BF16 CPU, before the compile time (docs/speed.md)."""
+    return device.type == "cuda"

@@ -519,12 +519,12 @@ def use_training_artifact(logger: LightningWandbLogger, training_run_id: str | N
 
 def log_benchmark(loggers: Sequence[Logger], result: dict) -> None:
     """A benchmark's `result` (retinaseg.benchmark's JSON) to the run's loggers, each then closed: its settings as
-    hyperparameters; `train/<loop>/<precision>/patches_per_s` (and pixels/s, speed-up) and
+    hyperparameters; `train/<name>/<precision>/patches_per_s` (and pixels/s, speed-up) and
     `inference/<mode>/seconds_per_image` and `backends/<variant>/seconds_per_image` as metrics; a W&B run also
     gets the lists as tables and the machine in its summary."""
     numbers = {}
     for row in result["training"]:
-        numbers.update(flat_numbers(row, f"train/{row['loop']}/{row['precision']}"))
+        numbers.update(flat_numbers(row, f"train/{row['name']}/{row['precision']}"))
     for row in result["inference"]:
         numbers.update(flat_numbers(row, f"inference/{row['mode']}"))
     for row in result.get("backends", []):

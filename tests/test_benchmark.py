@@ -12,13 +12,21 @@ def test_benchmark_measures_every_variant(tmp_path):
     overrides = [o for o in TINY_SYNTHETIC if not o.startswith("trainer.")]
     cfg = compose_config(
         "benchmark",
-        overrides + ["steps=2", "warmup_steps=1", "rounds=1", "inference_images=1", "precisions=[32-true,bf16-mixed]"],
+        overrides
+        + ["steps=2", "warmup_steps=1", "rounds=1", "inference_images=1", "precisions=[32-true,bf16-mixed]"]
+        + ["channels_last=[false,true]", "compile=[false]", "data_batches=2"],
         tmp_path,
     )
     result = benchmark(cfg)
-    variants = {(row["loop"], row["precision"]) for row in result["training"]}
-    assert variants == {(loop, p) for loop in ("plain", "lightning") for p in ("32-true", "bf16-mixed")}
+    names = {(row["name"], row["precision"]) for row in result["training"]}
+    loops = ("plain", "lightning", "lightning-channels_last")
+    assert names == {(name, p) for name in loops for p in ("32-true", "bf16-mixed")}
     assert all(row["patches_per_s"] > 0 and row["speedup_vs_plain_fp32"] > 0 for row in result["training"])
+    # Our step against the eager one with the configured layout (model.channels_last, true by default).
+    lightning = [row for row in result["training"] if row["loop"] == "lightning"]
+    assert all(row["speedup_vs_eager"] > 0 and 0 <= row["waiting_share"] < 1 for row in lightning)
+    assert all(row["speedup_vs_eager"] == 1 for row in lightning if row["channels_last"])
+    assert result["data"]["patches_per_s"] > 0 and "training data alone" in table(result)
     assert [row["mode"] for row in result["inference"]] == ["whole", "sliding"]
     assert all(row["seconds_per_image"] > 0 for row in result["inference"])
     assert "lightning" in table(result) and "sliding" in table(result)

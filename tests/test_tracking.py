@@ -326,6 +326,8 @@ def test_benchmark_is_a_run_of_its_own_job_type(tmp_path):
         "rounds=1",
         "inference_images=1",
         "precisions=[32-true]",
+        "channels_last=[false]",
+        "compile=[false]",
         "inference_modes=[whole]",
         "logger=wandb",
         f"hydra.run.dir={tmp_path / 'run'}",
