@@ -63,7 +63,7 @@ def test_folder_and_zip_read_the_same(drive_root, tmp_path):
 
 
 def test_missing_dataset_says_where_it_looked_and_what_to_do(tmp_path):
-    with pytest.raises(DataError, match="data=synthetic") as error:
+    with pytest.raises(DataError, match="experiment=demo") as error:
         read_split("drive", tmp_path / "nowhere", "train")
     assert str(tmp_path / "nowhere") in str(error.value)
 
