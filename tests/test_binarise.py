@@ -96,6 +96,7 @@ def test_training_metrics_score_the_binarised_masks():
     assert plain["f1"] < 1.0
 
 
+@pytest.mark.slow
 def test_predict_and_eval_write_the_same_masks(drive_root, tmp_path):
     """The packaged model on one DRIVE test photograph, options chosen on the validation images by eval, the same
     numbers given to predict."""

@@ -177,6 +177,7 @@ def test_a_checkpoint_with_unexpected_content_is_refused(checkpoint, change, exp
         load_checkpoint(edited(checkpoint, change))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_weights_fail_their_crc_is_refused(checkpoint, tmp_path):
     with zipfile.ZipFile(checkpoint) as archive:  # torch.save stores its members uncompressed
         member = max(archive.infolist(), key=lambda info: info.file_size)

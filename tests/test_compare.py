@@ -243,6 +243,7 @@ def test_damaged_or_edited_evaluation_files_are_refused_in_one_line(damage, tmp_
         run_compare(good, bad, tmp_path / "refused")
 
 
+@pytest.mark.slow
 def test_a_damaged_evaluation_file_is_one_error_line_and_exit_2(tmp_path):
     good = write_evaluation(tmp_path / "good", quality=2.0)
     bad = shutil.copytree(good, tmp_path / "bad")

@@ -99,6 +99,7 @@ def test_a_json_model_name_is_refused_before_anything_is_written(weights, tmp_pa
     assert not (tmp_path / "model.json").exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_export_leaves_nothing_half_done(weights, tmp_path, monkeypatch):
     cfg = compose_config("export", [f"ckpt_path={weights}"], tmp_path)
 

@@ -196,6 +196,7 @@ def test_a_threshold_is_chosen_only_on_the_same_checkpoints_training_images(tmp_
         literature.report(str(test), str(wrong_split), None, tmp_path / "out", 0, 0)
 
 
+@pytest.mark.slow
 def test_literature_entry_point_reports_a_missing_evaluation_in_one_line(tmp_path):
     result = run_entry_point("compare", ["literature=true", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode == 2 and "a=<eval dir> is missing" in result.stderr

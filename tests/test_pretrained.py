@@ -107,6 +107,7 @@ def test_predict_without_ckpt_path_uses_the_packaged_model(drive_root, tmp_path)
     assert re.search(r"synthetic\.png: \d+ warning\(s\): .*pass scale=", log)
 
 
+@pytest.mark.slow
 def test_an_unknown_packaged_model_is_one_error_naming_the_known_ones(tmp_path):
     (photo,) = synthetic_samples(1, height=64, width=64)
     cv2.imwrite(str(tmp_path / "photo.png"), photo.image)

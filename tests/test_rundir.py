@@ -201,6 +201,7 @@ def test_a_multirun_claims_its_sweep_directory_as_a_run_claims_its_own(tmp_path,
     RunLock(RunDir(tmp_path / "new").lock).release()
 
 
+@pytest.mark.slow
 def test_eval_sweeps_never_write_over_a_run_nor_each_other(tmp_path):
     cfg = compose_config("train", TINY_SYNTHETIC, tmp_path)
     first, second = write_checkpoint(tmp_path / "a.ckpt", cfg), write_checkpoint(tmp_path / "b.ckpt", cfg)
@@ -234,6 +235,7 @@ def test_eval_sweeps_never_write_over_a_run_nor_each_other(tmp_path):
     assert not RunDir(tmp_path / "shared").lock.exists()
 
 
+@pytest.mark.slow
 def test_a_command_that_fails_before_working_leaves_nothing(photos, tmp_path):
     folder, masks, ckpt = photos
     args = [f"input={folder}", f"fov={masks}"]
