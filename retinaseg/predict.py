@@ -178,7 +178,8 @@ def inference_that_fits(module, shape: tuple[int, int], photo: Path, scale: floa
     arrays need the rest); refused where even that does not fit."""
     settings, base_channels = module.inference, module.hparams.base_channels
     budget = available_memory(module.device) // 2
-    if inference_memory(shape, base_channels, settings) <= budget:
+    whole = inference_memory(shape, base_channels, settings)
+    if whole <= budget:
         return settings
     sliding = {**settings, "mode": "sliding"}
     needed = inference_memory(shape, base_channels, sliding)
@@ -189,7 +190,7 @@ def inference_that_fits(module, shape: tuple[int, int], photo: Path, scale: floa
             photo.name,
             shape[1],
             shape[0],
-            mebibytes(inference_memory(shape, base_channels, settings)),
+            mebibytes(whole),
             mebibytes(2 * budget),
             settings["window"],
         )
