@@ -6,7 +6,7 @@ notebook (no Lightning, no channels_last), on the same model size, patches, batc
 at our default precision; the seconds the first steps took beyond the others (the compilation), the share of
 the step spent waiting for data, and the training loader's patches per second alone. Inference:
 seconds per whole DRIVE test image for each inference mode, and for each backend and precision
-(retinaseg.inference.on_backend). Prints tables and writes JSON, with the CPU's flags.
+(retinaseg.inference.windows.on_backend). Prints tables and writes JSON, with the CPU's flags.
 """
 
 import copy
@@ -22,15 +22,15 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from retinaseg import config
-from retinaseg.budget import StepTimer, timing_trainer
-from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, exit_on_user_error
-from retinaseg.inference import MODES, on_backend
-from retinaseg.losses import SegmentationLoss
-from retinaseg.model import UNet
-from retinaseg.precision import cpu_has_bf16, cpu_info
-from retinaseg.runs.safe_io import write_text
-from retinaseg.tracking import finishing_wandb_run, log_benchmark
+from retinaseg.core import config
+from retinaseg.core.errors import ConfigError, check_bool, check_choice, check_int, exit_on_user_error
+from retinaseg.core.machine import cpu_has_bf16, cpu_info
+from retinaseg.core.safe_io import write_text
+from retinaseg.inference.windows import MODES, on_backend
+from retinaseg.model.losses import SegmentationLoss
+from retinaseg.model.unet import UNet
+from retinaseg.runs.budget import StepTimer, timing_trainer
+from retinaseg.tracking.wandb import finishing_wandb_run, log_benchmark
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+@hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error(), finishing_wandb_run():
         result = benchmark(cfg)

@@ -1,9 +1,9 @@
 """`python -m retinaseg.compare a=<eval dir> b=<eval dir>`: is b better than a on the same images?
 `python -m retinaseg.compare a=<eval dir> literature=true [train=<eval dir>]`: a beside published results, each
-scored the way its paper scored (retinaseg.literature: literature.md, literature.csv).
+scored the way its paper scored (retinaseg.evaluation.literature: literature.md, literature.csv).
 
 For each metric: a, b, b - a, the paired-bootstrap 95% interval of b - a and the two-sided p-value of a paired
-permutation test (retinaseg.stats.paired_comparison), recomputed without the models from what each evaluation
+permutation test (retinaseg.evaluation.stats.paired_comparison), recomputed without the models from what each evaluation
 wrote: metrics.json, per_image.csv (per-image counts) and histograms.npz. Writes comparison.json and
 comparison.md into its run directory and prints the table.
 """
@@ -20,11 +20,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from retinaseg import config, literature, stats
-from retinaseg.errors import ConfigError, DataError, check_bool, check_int, exit_on_user_error
-from retinaseg.metrics import DISPLAY, Histograms, ImageCounts
+from retinaseg.core import config
+from retinaseg.core.errors import ConfigError, DataError, check_bool, check_int, exit_on_user_error
+from retinaseg.core.safe_io import write_text
+from retinaseg.evaluation import literature, stats
+from retinaseg.evaluation.metrics import DISPLAY, Histograms, ImageCounts
 from retinaseg.runs.rundir import RunDir
-from retinaseg.runs.safe_io import write_text
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def describe_threshold(metrics: dict) -> str:
 
 
 def describe_binarisation(metrics: dict) -> str:
-    """The binarisation options (retinaseg.binarise) beyond the threshold; "off" also for an evaluation older than
+    """The binarisation options (retinaseg.inference.binarise) beyond the threshold; "off" also for an evaluation older than
     them."""
     options = metrics.get("binarisation") or {}
     parts = []
@@ -353,7 +354,7 @@ def markdown(result: dict) -> str:
 
 
 def compare_with_literature(cfg: DictConfig) -> list[literature.Row]:
-    """`literature=true`: evaluation a beside the published results on its dataset (retinaseg.literature)."""
+    """`literature=true`: evaluation a beside the published results on its dataset (retinaseg.evaluation.literature)."""
     check_int("bootstrap", cfg.bootstrap, minimum=0)
     check_int("seed", cfg.seed)
     if cfg.a is None:
@@ -364,7 +365,7 @@ def compare_with_literature(cfg: DictConfig) -> list[literature.Row]:
     return literature.report(*directories, Path(cfg.paths.output_dir), cfg.bootstrap, cfg.seed)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
+@hydra.main(version_base="1.3", config_path="conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         check_bool("literature", cfg.literature)

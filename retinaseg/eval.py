@@ -16,26 +16,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
-from retinaseg import calibration, config, plots, stats, tracking
-from retinaseg.binarise import Binarisation, binarise
-from retinaseg.checkpoint import Checkpoint, load_checkpoint, resolve_device
+from retinaseg.core import config
+from retinaseg.core.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
+from retinaseg.core.progress import tracked
+from retinaseg.core.safe_io import write_atomically, write_png, write_text
 from retinaseg.data import sources
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.data.preprocess import Preprocessing, resize_probabilities
 from retinaseg.data.sample import Sample, fov_source
-from retinaseg.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
-from retinaseg.inference import Runtime, on_backend
-from retinaseg.metrics import DISPLAY, Histograms, Scores, count_images, score
-from retinaseg.module import VesselSegmentationModule
-from retinaseg.progress import tracked
-from retinaseg.runs.safe_io import write_atomically, write_png, write_text
-from retinaseg.sweeps import in_multirun
+from retinaseg.evaluation import calibration, plots, stats
+from retinaseg.evaluation.metrics import DISPLAY, Histograms, Scores, count_images, score
+from retinaseg.inference.binarise import Binarisation, binarise
+from retinaseg.inference.windows import Runtime, on_backend
+from retinaseg.model.checkpoint import Checkpoint, load_checkpoint, resolve_device
+from retinaseg.model.module import VesselSegmentationModule
+from retinaseg.runs.sweeps import in_multirun
+from retinaseg.tracking import wandb as tracking
 
 config.setup()
 log = logging.getLogger(__name__)
 
 # train: the images the checkpoint trained on (its own data settings), for thresholds chosen beforehand on them
-# (retinaseg.literature).
+# (retinaseg.evaluation.literature).
 SPLITS = ("test", "val", "train", "all")
 # The model's own preprocessing, always the checkpoint's (data.scale belongs to the dataset scored).
 MODEL_PREPROCESSING = ("mean", "std", "clahe")
@@ -192,7 +194,7 @@ def write_outputs(output_dir: Path, scores: Scores, probs: dict[str, np.ndarray]
             writer.writerows(rows)
             write_text(output_dir / name, table.getvalue())
     histograms = scores.counts.histograms
-    # The pixels outside the FOV too, in the same bins: papers that score whole images (retinaseg.protocols).
+    # The pixels outside the FOV too, in the same bins: papers that score whole images (retinaseg.evaluation.protocols).
     outside = Histograms.of(
         [probs[s.id][~s.fov] for s in samples],
         [s.label[~s.fov] > 0 for s in samples],
@@ -372,9 +374,9 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    # In a sweep a failing job is left to Hydra, which records it and goes on (retinaseg.sweeps reports it).
+    # In a sweep a failing job is left to Hydra, which records it and goes on (retinaseg.runs.sweeps reports it).
     with contextlib.nullcontext() if in_multirun() else exit_on_user_error(), tracking.finishing_wandb_run():
         evaluate(cfg)
 

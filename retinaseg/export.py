@@ -12,12 +12,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from retinaseg import config
-from retinaseg.binarise import Binarisation
-from retinaseg.checkpoint import Checkpoint, load_checkpoint
+from retinaseg.core import config
+from retinaseg.core.errors import ConfigError, check_choice, exit_on_user_error
+from retinaseg.core.safe_io import write_atomically, write_text
 from retinaseg.data.preprocess import CLAHE_CLIP_LIMIT, CLAHE_TILES
-from retinaseg.errors import ConfigError, check_choice, exit_on_user_error
-from retinaseg.runs.safe_io import write_atomically, write_text
+from retinaseg.inference.binarise import Binarisation
+from retinaseg.model.checkpoint import Checkpoint, load_checkpoint
 
 try:  # the `onnx` extra; onnxscript is what torch's exporter needs, onnx comes with it
     import onnx
@@ -94,7 +94,7 @@ def description(checkpoint: Checkpoint, model_file: Path, output: str) -> dict:
         "threshold": threshold,
         # A vessel pixel is a probability above `threshold`, i.e. a logit above its logit.
         "logit_threshold": math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else None,
-        # Then, on each whole image inside its FOV (retinaseg.binarise): pixels above low_threshold connected
+        # Then, on each whole image inside its FOV (retinaseg.inference.binarise): pixels above low_threshold connected
         # (8-connected) to pixels above `threshold` are vessel too (null: off), and 8-connected vessel components
         # of fewer than min_size pixels are dropped (0: none).
         "binarisation": binarisation.to_json(),
@@ -143,7 +143,7 @@ def export(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         export(cfg)

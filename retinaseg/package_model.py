@@ -1,7 +1,7 @@
 """`python -m retinaseg.package_model ckpt_path=<file.ckpt> folder=<folder>`: a trained checkpoint as a packaged
 model, the form of `retinaseg/pretrained/drive/`: its weights in safetensors (model.safetensors), and in
 model.json its model and data settings with the ranges of brightness, contrast, vessel density and FOV width over
-its training photographs (retinaseg.quality), which predict checks each photograph against."""
+its training photographs (retinaseg.inference.quality), which predict checks each photograph against."""
 
 import logging
 from pathlib import Path
@@ -9,12 +9,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from retinaseg import config
-from retinaseg.checkpoint import PACKAGED_SETTINGS, PACKAGED_WEIGHTS, load_checkpoint, save_pretrained
+from retinaseg.core import config
+from retinaseg.core.errors import ConfigError, exit_on_user_error
 from retinaseg.data.datamodule import FundusDataModule
-from retinaseg.errors import ConfigError, exit_on_user_error
 from retinaseg.eval import data_settings
-from retinaseg.quality import references
+from retinaseg.inference.quality import references
+from retinaseg.model.checkpoint import PACKAGED_SETTINGS, PACKAGED_WEIGHTS, load_checkpoint, save_pretrained
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def package_model(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="package_model")
+@hydra.main(version_base="1.3", config_path="conf", config_name="package_model")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         package_model(cfg)

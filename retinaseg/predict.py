@@ -5,7 +5,7 @@ without ckpt_path, with the packaged DRIVE model (pretrained:drive).
 For each photograph `<stem>.<ext>` it writes `<stem>_prob.png` (probability x 255), `<stem>_mask.png`
 (0/255) and `<stem>_overlay.png` (vessels and the FOV outline drawn over the photograph), and predictions.csv: a
 row per photograph, written or skipped and why, and how it compares with the model's training photographs
-(retinaseg.quality), with a warning for each value outside their range (also logged, one line per photograph). In
+(retinaseg.inference.quality), with a warning for each value outside their range (also logged, one line per photograph). In
 a folder, a photograph that cannot be read (or has no usable FOV mask) is skipped with a warning; the run fails
 (exit status 2) only when none could be segmented.
 """
@@ -21,9 +21,18 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from retinaseg import config
-from retinaseg.binarise import Binarisation, binarise
-from retinaseg.checkpoint import load_checkpoint, resolve_device
+from retinaseg.core import config
+from retinaseg.core.errors import (
+    ConfigError,
+    DataError,
+    UserError,
+    check_bool,
+    check_int,
+    check_number,
+    exit_on_user_error,
+)
+from retinaseg.core.progress import tracked
+from retinaseg.core.safe_io import write_png, write_text
 from retinaseg.data.preprocess import (
     FORMATS,
     IMAGE_SUFFIXES,
@@ -33,20 +42,11 @@ from retinaseg.data.preprocess import (
     read_photograph,
     resize_probabilities,
 )
-from retinaseg.errors import (
-    ConfigError,
-    DataError,
-    UserError,
-    check_bool,
-    check_int,
-    check_number,
-    exit_on_user_error,
-)
-from retinaseg.inference import available_memory, inference_memory, on_backend
-from retinaseg.progress import tracked
-from retinaseg.quality import Quality, assess
+from retinaseg.inference.binarise import Binarisation, binarise
+from retinaseg.inference.quality import Quality, assess
+from retinaseg.inference.windows import available_memory, inference_memory, on_backend
+from retinaseg.model.checkpoint import load_checkpoint, resolve_device
 from retinaseg.runs.rundir import RunDir
-from retinaseg.runs.safe_io import write_png, write_text
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         predict(cfg)

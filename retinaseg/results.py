@@ -18,10 +18,10 @@ import torch
 import yaml
 from omegaconf import DictConfig
 
-from retinaseg import tracking
-from retinaseg.errors import ConfigError, DataError, check_choice, exit_on_user_error
-from retinaseg.metrics import DISPLAY
-from retinaseg.runs.safe_io import write_text
+from retinaseg.core.errors import ConfigError, DataError, check_choice, exit_on_user_error
+from retinaseg.core.safe_io import write_text
+from retinaseg.evaluation.metrics import DISPLAY
+from retinaseg.tracking import wandb as tracking
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def add(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="results")
+@hydra.main(version_base="1.3", config_path="conf", config_name="results")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with exit_on_user_error():

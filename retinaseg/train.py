@@ -14,17 +14,17 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from retinaseg import config
-from retinaseg.budget import budget_steps
-from retinaseg.callbacks import RecordSteps, exit_on_sigterm
+from retinaseg.core import config
+from retinaseg.core.errors import ConfigError, check_bool, check_int, exit_on_user_error, user_error_of
+from retinaseg.core.safe_io import write_text
 from retinaseg.data.sample import fov_source
-from retinaseg.errors import ConfigError, check_bool, check_int, exit_on_user_error, user_error_of
-from retinaseg.metrics import reported
+from retinaseg.evaluation.metrics import reported
+from retinaseg.runs.budget import budget_steps
+from retinaseg.runs.callbacks import RecordSteps, exit_on_sigterm
 from retinaseg.runs.resume import plan_start
 from retinaseg.runs.rundir import RunDir
-from retinaseg.runs.safe_io import write_text
-from retinaseg.sweeps import in_multirun, relaunch_ranks_as_this_job
-from retinaseg.tracking import finishing_wandb_run, start_tracking
+from retinaseg.runs.sweeps import in_multirun, relaunch_ranks_as_this_job
+from retinaseg.tracking.wandb import finishing_wandb_run, start_tracking
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         )
     callbacks, loggers = config.instantiate_group(cfg.get("callbacks")), config.instantiate_group(cfg.get("logger"))
     settings = OmegaConf.to_container(cfg.trainer, resolve=True)
-    settings.pop("budget", None)  # ours (retinaseg.budget), not the Trainer's
+    settings.pop("budget", None)  # ours (retinaseg.runs.budget), not the Trainer's
     try:
         return hydra.utils.instantiate(settings, callbacks=callbacks, logger=loggers)
     except InstantiationException as error:
@@ -135,10 +135,10 @@ def train(cfg: DictConfig) -> float | None:
     return value
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     relaunch_ranks_as_this_job()
-    # In a sweep a failing job is left to Hydra, which records it and goes on (retinaseg.sweeps reports it).
+    # In a sweep a failing job is left to Hydra, which records it and goes on (retinaseg.runs.sweeps reports it).
     with (
         contextlib.nullcontext() if in_multirun() else exit_on_user_error(),
         exit_on_sigterm(cfg.paths.output_dir),

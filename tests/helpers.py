@@ -23,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
-from retinaseg import config
+from retinaseg.core import config
 from retinaseg.data import sources
 from retinaseg.data.sample import Sample
 from retinaseg.data.sources.stare import LABELLED as STARE_LABELLED
 from retinaseg.data.sources.synthetic import synthetic_samples
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "retinaseg" / "conf")
 # ../shared/seed next to the project: the original notebook's network, verbatim (see its README.md).
 SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "seed"
 
@@ -82,7 +82,7 @@ def run_module(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPr
 def write_checkpoint(path: Path, cfg: DictConfig, resumable: bool = True) -> Path:
     """A retinaseg checkpoint of the untrained model and the data settings of training config `cfg`, as a run
     would save it, without training: `resumable` adds the (empty) optimizer and loop state a resume needs."""
-    from retinaseg.module import VesselSegmentationModule
+    from retinaseg.model.module import VesselSegmentationModule
 
     model, data = (
         {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items() if k != "_target_"}

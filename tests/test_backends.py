@@ -1,4 +1,4 @@
-"""Inference backends (retinaseg.inference.on_backend): OpenVINO runs the U-Net as torch does (probabilities
+"""Inference backends (retinaseg.inference.windows.on_backend): OpenVINO runs the U-Net as torch does (probabilities
 within 1e-3, the same metrics to 3 decimals) in eval and predict; auto chooses one; a missing OpenVINO is one
 clear error. The OpenVINO tests skip only where the `openvino` extra is not installed (CI installs it)."""
 
@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from helpers import compose_config
-from retinaseg.errors import ConfigError
+from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
-from retinaseg.inference import on_backend, predict_probabilities
-from retinaseg.metrics import REPORTED
-from retinaseg.model import UNet
+from retinaseg.evaluation.metrics import REPORTED
+from retinaseg.inference.windows import on_backend, predict_probabilities
+from retinaseg.model.unet import UNet
 from retinaseg.predict import predict
 
 
@@ -53,7 +53,7 @@ def test_torch_bf16_runs_under_autocast(net):
 
 @pytest.mark.slow
 def test_auto_chooses_a_backend_by_timing_it(openvino, net, caplog):
-    caplog.set_level("INFO", logger="retinaseg.inference")
+    caplog.set_level("INFO", logger="retinaseg.inference.windows")
     runtime = on_backend(net, "auto")
     assert runtime.backend in ("torch", "openvino")
     assert f"inference.backend=auto: {runtime.backend}" in caplog.text

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from helpers import TINY, TINY_SYNTHETIC, make_drive, read_split, run_module, write_archive
+from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data import preprocess
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.data.sources import files
-from retinaseg.errors import ConfigError, DataError
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 
 from helpers import TINY_SYNTHETIC, compose_config
 from retinaseg.benchmark import BACKEND_VARIANTS, REPORTED_FLAGS, benchmark, table
-from retinaseg.errors import ConfigError
+from retinaseg.core.errors import ConfigError
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""retinaseg.binarise: hysteresis and small-component removal on a hand-made probability map, their choice on
+"""retinaseg.inference.binarise: hysteresis and small-component removal on a hand-made probability map, their choice on
 validation images, and the same masks from eval, predict and training's metrics."""
 
 import json
@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 
 from helpers import compose_config
-from retinaseg.binarise import Binarisation, binarise
 from retinaseg.compare import describe_binarisation
+from retinaseg.core.errors import ConfigError
 from retinaseg.data.sample import Sample
-from retinaseg.errors import ConfigError
 from retinaseg.eval import best_binarisation, evaluate
-from retinaseg.metrics import FOVMetrics, count_images
-from retinaseg.module import VesselSegmentationModule
+from retinaseg.evaluation.metrics import FOVMetrics, count_images
+from retinaseg.inference.binarise import Binarisation, binarise
+from retinaseg.model.module import VesselSegmentationModule
 from retinaseg.predict import predict
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers import TINY_SYNTHETIC, compose_config
-from retinaseg import budget
-from retinaseg.errors import ConfigError
+from retinaseg.core.errors import ConfigError
+from retinaseg.runs import budget
 from retinaseg.runs.rundir import RunDir
 from retinaseg.train import train
 
@@ -114,7 +114,7 @@ def test_max_steps_lifts_the_experiments_time_stop(tmp_path):
 def test_a_run_cut_short_by_max_time_says_so_in_its_records(tmp_path, caplog):
     overrides = ["trainer.max_epochs=1000", "+trainer.max_time=00:00:00:01"]
     cfg = compose_config("train", TINY_SYNTHETIC + overrides, tmp_path)
-    with caplog.at_level("WARNING", logger="retinaseg.callbacks"):
+    with caplog.at_level("WARNING", logger="retinaseg.runs.callbacks"):
         train(cfg)
     training = json.loads((tmp_path / "metrics.json").read_text())["training"]
     assert training["planned_steps"] == 2000 and training["steps"] < 2000 and not training["complete"]

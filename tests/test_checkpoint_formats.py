@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from helpers import TINY_SYNTHETIC, compose_config, make_drive, run_entry_point, seed_unet, write_checkpoint
-from retinaseg.checkpoint import load_checkpoint
-from retinaseg.errors import DataError
+from retinaseg.core.errors import DataError
 from retinaseg.eval import evaluate
+from retinaseg.model.checkpoint import load_checkpoint
 from retinaseg.predict import predict
 from retinaseg.train import train
 

@@ -11,10 +11,10 @@ import pytest
 
 from helpers import compose_config, error_lines, run_entry_point
 from retinaseg.compare import compare
+from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import ConfigError, DataError
 from retinaseg.eval import write_metrics, write_outputs
-from retinaseg.metrics import HEADLINE, Histograms, ImageCounts, score
+from retinaseg.evaluation.metrics import HEADLINE, Histograms, ImageCounts, score
 
 
 def write_evaluation(directory, quality: float, threshold: float = 0.5, threshold_from: str = "fixed", n: int = 8):

@@ -12,10 +12,10 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from helpers import STARE_LABELLED, compose_config, make_chase, make_stare, read_split, run_entry_point
-from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.preprocess import estimate_fov, resize_probabilities
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.eval import evaluate
+from retinaseg.model.checkpoint import load_checkpoint
 
 NUMBERS = ("01", "02", "03", "04")
 

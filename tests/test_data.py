@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from helpers import read_split
+from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.datamodule import EpochSampler, FundusDataModule, PatchDataset
 from retinaseg.data.preprocess import Preprocessing, equalize_contrast
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")

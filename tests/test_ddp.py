@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from helpers import TINY_SYNTHETIC, run_module
-from retinaseg.metrics import REPORTED, ImageCounts, reported
-from retinaseg.module import VesselSegmentationModule
+from retinaseg.evaluation.metrics import REPORTED, ImageCounts, reported
+from retinaseg.model.module import VesselSegmentationModule
 
 # Every test here trains.
 pytestmark = pytest.mark.slow

@@ -71,7 +71,7 @@ def command_and_overrides(line: str) -> tuple[str, list[str]]:
 
 def compose_command(command: str, overrides: list[str]) -> None:
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "retinaseg" / "conf"), version_base="1.3"):
         compose(config_name=command, overrides=overrides, return_hydra_config=True)
 
 
@@ -84,7 +84,7 @@ def test_docs_show_commands():
 @pytest.mark.parametrize(("where", "line"), shown_commands(), ids=[where for where, _ in shown_commands()])
 def test_shown_command_composes(where, line):
     command, overrides = command_and_overrides(line)
-    assert (ROOT / "conf" / f"{command}.yaml").is_file(), f"{where}: no command retinaseg.{command}"
+    assert (ROOT / "retinaseg" / "conf" / f"{command}.yaml").is_file(), f"{where}: no command retinaseg.{command}"
     compose_command(command, overrides)
 
 

@@ -14,10 +14,10 @@ from skimage.morphology import skeletonize
 from sklearn.metrics import f1_score, roc_auc_score
 
 from helpers import TINY_SYNTHETIC, compose_config, read_split, wandb_runs, write_checkpoint
-from retinaseg import protocols
-from retinaseg.errors import ConfigError
+from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
-from retinaseg.metrics import HEADLINE, REPORTED, Histograms
+from retinaseg.evaluation import protocols
+from retinaseg.evaluation.metrics import HEADLINE, REPORTED, Histograms
 
 
 def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:

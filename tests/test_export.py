@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from helpers import TINY_SYNTHETIC, compose_config, run_entry_point, write_checkpoint
-from retinaseg.checkpoint import load_checkpoint
-from retinaseg.errors import ConfigError
+from retinaseg.core.errors import ConfigError
 from retinaseg.export import description, export
-from retinaseg.inference import compiled_for_cpu
-from retinaseg.model import UNet
+from retinaseg.inference.windows import compiled_for_cpu
+from retinaseg.model.checkpoint import load_checkpoint
+from retinaseg.model.unet import UNet
 
 pytest.importorskip("onnxscript")
 

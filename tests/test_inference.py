@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from retinaseg.inference import predict_probabilities, sliding_window_inference
-from retinaseg.model import UNet
+from retinaseg.inference.windows import predict_probabilities, sliding_window_inference
+from retinaseg.model.unet import UNet
 
 
 def coordinate_image(height: int, width: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""retinaseg.protocols, retinaseg.literature and retinaseg.calibration: other papers' ways of scoring on examples
+"""retinaseg.evaluation.protocols, retinaseg.evaluation.literature and retinaseg.evaluation.calibration: other papers' ways of scoring on examples
 small enough to count by hand, the published-results file, the table beside them, and the calibration error."""
 
 import csv
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from helpers import compose_config, run_entry_point
-from retinaseg import literature, protocols
-from retinaseg.calibration import Reliability
 from retinaseg.compare import compare_with_literature
+from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sample import Sample
-from retinaseg.errors import ConfigError, DataError
 from retinaseg.eval import write_metrics, write_outputs
-from retinaseg.metrics import Histograms, score
+from retinaseg.evaluation import literature, protocols
+from retinaseg.evaluation.calibration import Reliability
+from retinaseg.evaluation.metrics import Histograms, score
 
 # Two images of 2x3 pixels; the FOV is the first two columns (4 pixels), the last column lies outside it.
 PROBS = [np.array([[0.9, 0.2, 0.7], [0.6, 0.1, 0.3]]), np.array([[0.8, 0.1, 0.2], [0.4, 0.05, 0.2]])]

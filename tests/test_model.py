@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from helpers import seed_unet
-from retinaseg.model import UNet, rename_legacy_keys
+from retinaseg.model.unet import UNet, rename_legacy_keys
 
 
 def test_default_is_the_seed_network():

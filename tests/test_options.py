@@ -9,12 +9,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from helpers import TINY_SYNTHETIC, compose_config
-from retinaseg import budget
-from retinaseg.budget import timing_trainer
-from retinaseg.checkpoint import load_checkpoint
-from retinaseg.errors import ConfigError
-from retinaseg.module import VesselSegmentationModule
-from retinaseg.precision import compile_gains, fastest_precision
+from retinaseg.core.errors import ConfigError
+from retinaseg.core.machine import compile_gains, fastest_precision
+from retinaseg.model.checkpoint import load_checkpoint
+from retinaseg.model.module import VesselSegmentationModule
+from retinaseg.runs import budget
+from retinaseg.runs.budget import timing_trainer
 from retinaseg.train import train
 
 

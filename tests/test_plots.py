@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from helpers import TINY_SYNTHETIC, compose_config
-from retinaseg import plots
+from retinaseg.evaluation import plots
 from retinaseg.train import train
 
 

@@ -13,11 +13,11 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from helpers import TINY_SYNTHETIC, compose_config, encode, read_split, write_checkpoint
-from retinaseg.checkpoint import load_checkpoint
+from retinaseg.core.errors import DataError
 from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_mask, read_photograph
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import DataError
-from retinaseg.inference import inference_memory
+from retinaseg.inference.windows import inference_memory
+from retinaseg.model.checkpoint import load_checkpoint
 from retinaseg.predict import predict
 
 

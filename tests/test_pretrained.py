@@ -1,6 +1,6 @@
 """The model that comes with the package (retinaseg/pretrained/drive/, `ckpt_path=pretrained:drive`): its files in a
 wheel, its card's hash and scores, predict without ckpt_path; packaging a checkpoint; the per-photograph quality
-record (retinaseg.quality)."""
+record (retinaseg.inference.quality)."""
 
 import contextlib
 import csv
@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from helpers import TINY_SYNTHETIC, compose_config, error_lines, run_entry_point, write_checkpoint
-from retinaseg import checkpoint as checkpoints
-from retinaseg.checkpoint import load_checkpoint
+from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import ConfigError, DataError
+from retinaseg.inference.quality import Range, References, assess
+from retinaseg.model import checkpoint as checkpoints
+from retinaseg.model.checkpoint import load_checkpoint
 from retinaseg.package_model import package_model
-from retinaseg.quality import Range, References, assess
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVE_MODEL = ROOT / "retinaseg" / "pretrained" / "drive"

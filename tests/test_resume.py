@@ -21,10 +21,10 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers import TINY_SYNTHETIC, compose_config, write_checkpoint
-from retinaseg.callbacks import exit_on_sigterm
+from retinaseg.core.errors import ConfigError, DataError, DiskFullError, DivergedError
 from retinaseg.data.datamodule import FundusDataModule
-from retinaseg.errors import ConfigError, DataError, DiskFullError, DivergedError
-from retinaseg.module import VesselSegmentationModule
+from retinaseg.model.module import VesselSegmentationModule
+from retinaseg.runs.callbacks import exit_on_sigterm
 from retinaseg.runs.resume import plan_start
 from retinaseg.runs.rundir import RunDir
 from retinaseg.train import train

@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from helpers import CONF, TINY_SYNTHETIC, compose_config, error_lines, run_entry_point, write_checkpoint
-from retinaseg import config
-from retinaseg.callbacks import CheckpointOnSigterm, RunCheckpoint
+from retinaseg.core import config
+from retinaseg.core.errors import ConfigError
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import ConfigError
 from retinaseg.predict import predict
+from retinaseg.runs.callbacks import CheckpointOnSigterm, RunCheckpoint
 from retinaseg.runs.metrics_csv import MetricsCSVLogger
 from retinaseg.runs.rundir import ClaimRunDirectory, RunDir, RunLock
 

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from helpers import TINY_SYNTHETIC, compose_config, fill_disk, write_checkpoint
+from retinaseg.core.errors import ConfigError, DiskFullError
+from retinaseg.core.safe_io import write_atomically
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import ConfigError, DiskFullError
 from retinaseg.eval import evaluate
 from retinaseg.predict import predict
 from retinaseg.runs.metrics_csv import MetricsCSVLogger
-from retinaseg.runs.safe_io import write_atomically
 
 
 def test_a_crash_halfway_through_a_write_leaves_the_previous_file(tmp_path):

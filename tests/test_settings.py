@@ -13,8 +13,8 @@ from PIL import Image
 
 from helpers import TINY_SYNTHETIC, compose_config, error_lines, run_entry_point, write_checkpoint
 from retinaseg.benchmark import benchmark
+from retinaseg.core.errors import exit_on_user_error
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import exit_on_user_error
 from retinaseg.eval import evaluate
 from retinaseg.export import export
 from retinaseg.predict import predict

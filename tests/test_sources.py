@@ -27,11 +27,11 @@ from helpers import (
     run_module,
     write_archive,
 )
+from retinaseg.core.errors import DataError
 from retinaseg.data import sources
 from retinaseg.data.preprocess import estimate_fov
 from retinaseg.data.sample import Sample
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import DataError
 
 
 @pytest.fixture(scope="module")

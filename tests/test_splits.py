@@ -9,14 +9,14 @@ from hydra.errors import InstantiationException
 from sklearn.metrics import f1_score, roc_auc_score
 
 from helpers import TINY_SYNTHETIC, compose_config, encode, make_drive, write_checkpoint
-from retinaseg.checkpoint import load_checkpoint
+from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.datamodule import FundusDataModule, PatchDataset, WholeImageDataset
 from retinaseg.data.preprocess import Preprocessing, read_mask, resize_mask, resize_probabilities
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.data.splits import kfold, validation
-from retinaseg.errors import ConfigError, DataError
-from retinaseg.metrics import HISTOGRAM_BINS, FOVMetrics, ImageCounts, count_images
-from retinaseg.module import VesselSegmentationModule
+from retinaseg.evaluation.metrics import HISTOGRAM_BINS, FOVMetrics, ImageCounts, count_images
+from retinaseg.model.checkpoint import load_checkpoint
+from retinaseg.model.module import VesselSegmentationModule
 
 
 def test_drive_validation_images_are_those_checkpoints_recorded(tmp_path):

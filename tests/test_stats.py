@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from helpers import compose_config
-from retinaseg import stats
 from retinaseg.compare import compare
+from retinaseg.core.errors import ConfigError
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.errors import ConfigError
 from retinaseg.eval import evaluate
-from retinaseg.metrics import ImageCounts, count_images
+from retinaseg.evaluation import stats
+from retinaseg.evaluation.metrics import ImageCounts, count_images
 
 
 def noisy_counts(n: int, seed: int) -> ImageCounts:

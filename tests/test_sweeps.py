@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 
 from helpers import CONF, TINY_SYNTHETIC, run_module, wandb_runs
 from retinaseg.data.sources.synthetic import SyntheticCatalogue
-from retinaseg.metrics import REPORTED, ImageCounts
+from retinaseg.evaluation.metrics import REPORTED, ImageCounts
 from retinaseg.runs.rundir import RunDir
-from retinaseg.sweeps import EvalSweepSummary
+from retinaseg.runs.sweeps import EvalSweepSummary
 
 # Microseconds in the name keep sweeps started in the same second apart.
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}")

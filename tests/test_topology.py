@@ -8,7 +8,7 @@ from skimage.morphology import skeletonize
 from sklearn.metrics import roc_auc_score
 
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.metrics import (
+from retinaseg.evaluation.metrics import (
     HEADLINE,
     REPORTED,
     FOVMetrics,

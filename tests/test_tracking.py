@@ -21,10 +21,10 @@ from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
 from helpers import CONF, TINY_SYNTHETIC, compose_config, run_entry_point, run_module, wandb_runs
-from retinaseg.checkpoint import load_checkpoint
 from retinaseg.data.datamodule import FundusDataModule
-from retinaseg.module import VesselSegmentationModule
-from retinaseg.tracking import (
+from retinaseg.model.checkpoint import load_checkpoint
+from retinaseg.model.module import VesselSegmentationModule
+from retinaseg.tracking.wandb import (
     flat_numbers,
     flat_params,
     hydra_identity,
@@ -361,7 +361,7 @@ def test_without_api_key_mode_is_offline_and_no_network_is_touched(tmp_path):
     # Python's audit hooks see every connection, name lookup, datagram and child process this process attempts.
     code = (
         "import sys\n"
-        "from retinaseg.tracking import resolve_mode\n"
+        "from retinaseg.tracking.wandb import resolve_mode\n"
         "attempts = []\n"
         "network = ('socket.connect', 'socket.getaddrinfo', 'socket.sendto', 'socket.sendmsg', 'subprocess.Popen')\n"
         "sys.addaudithook(lambda event, args: attempts.append(event) if event in network else None)\n"
@@ -382,7 +382,7 @@ def test_unreachable_server_falls_back_to_offline_within_the_timeout(tmp_path):
     code = (
         "import logging, sys\n"
         "logging.basicConfig(level=logging.INFO)\n"
-        "from retinaseg.tracking import WandbLogger, finishing_wandb_run\n"
+        "from retinaseg.tracking.wandb import WandbLogger, finishing_wandb_run\n"
         "with finishing_wandb_run():\n"
         "    run = WandbLogger(init_timeout=3, save_dir=sys.argv[1], project='retinaseg').experiment\n"
         "    print('mode', run.settings.mode)\n"

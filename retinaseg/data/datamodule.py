@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from retinaseg.core.errors import ConfigError, DataError, check_bool, check_choice, check_int, check_number
 from retinaseg.data import sources, splits
 from retinaseg.data.preprocess import Preprocessing
 from retinaseg.data.sample import Sample
-from retinaseg.errors import ConfigError, DataError, check_bool, check_choice, check_int, check_number
 
 # A run resumed mid-epoch continues the patch stream exactly (FundusDataModule.state_dict), which
 # Lightning cannot tell: it only knows data loaders that have their own state_dict.
@@ -35,7 +35,7 @@ def check_channels(name: str, values, positive: bool = False) -> list[float]:
 
 
 # The affine warp's zoom range: the vessel widths (in pixels) a model sees in training span this much around the
-# training images' own (retinaseg.quality checks a photograph's size against it).
+# training images' own (retinaseg.inference.quality checks a photograph's size against it).
 AFFINE_SCALE = (0.9, 1.1)
 
 

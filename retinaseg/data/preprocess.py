@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from retinaseg.errors import ConfigError, DataError, check_number
+from retinaseg.core.errors import ConfigError, DataError, check_number
 
 log = logging.getLogger(__name__)
 

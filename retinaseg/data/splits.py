@@ -6,7 +6,7 @@ All choices are fixed by `split_seed` and depend only on the list of ids, never 
 
 import numpy as np
 
-from retinaseg.errors import ConfigError, check_choice, check_int
+from retinaseg.core.errors import ConfigError, check_choice, check_int
 
 PARTS = ("train", "val", "test", "all")
 

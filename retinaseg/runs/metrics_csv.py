@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from retinaseg.core.safe_io import write_text
 from retinaseg.runs.rundir import RunDir
-from retinaseg.runs.safe_io import write_text
 
 
 class MetricsCSVLogger(Logger):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from retinaseg.checkpoint import Checkpoint, load_checkpoint
-from retinaseg.errors import ConfigError, DataError, check_bool
+from retinaseg.core.errors import ConfigError, DataError, check_bool
+from retinaseg.model.checkpoint import Checkpoint, load_checkpoint
 from retinaseg.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)

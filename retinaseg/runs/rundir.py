@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from retinaseg.errors import ConfigError, exit_on_user_error
+from retinaseg.core.errors import ConfigError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class RunDir:
 
     @property
     def test_counts(self) -> Path:
-        """The test images' counts a cross-validation sweep pools (retinaseg.callbacks.CountTestImages)."""
+        """The test images' counts a cross-validation sweep pools (retinaseg.runs.callbacks.CountTestImages)."""
         return self.path / "test_counts.npz"
 
     @property
@@ -73,7 +73,7 @@ class RunDir:
 
     @property
     def budget(self) -> Path:
-        """With trainer.budget: the calibration and the step count it chose (retinaseg.budget)."""
+        """With trainer.budget: the calibration and the step count it chose (retinaseg.runs.budget)."""
         return self.path / "budget.json"
 
     @property
@@ -88,7 +88,7 @@ class RunDir:
 
     @property
     def job_record(self) -> Path:
-        """A multirun job's record (retinaseg.sweeps): its number, overrides and status."""
+        """A multirun job's record (retinaseg.runs.sweeps): its number, overrides and status."""
         return self.path / "sweep_job.yaml"
 
     @property

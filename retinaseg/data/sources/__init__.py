@@ -4,10 +4,10 @@ Every reader's `catalogue(root)` returns a Catalogue (retinaseg.data.sources.fil
 the labelled images of "train", "test" or "all", and whose `read(ids)` yields their Samples.
 """
 
+from retinaseg.core.errors import check_choice
 from retinaseg.data.sources import chase_db1, drive, folder, hrf, stare
 from retinaseg.data.sources.files import Catalogue
 from retinaseg.data.sources.synthetic import SyntheticCatalogue
-from retinaseg.errors import check_choice
 
 READERS = {"drive": drive, "stare": stare, "chase_db1": chase_db1, "hrf": hrf, "folder": folder}
 DATASETS = (*READERS, "synthetic")

@@ -14,13 +14,13 @@ use the first 8 to train and the other 20 to test; `data.folds` gives cross-vali
 
 import re
 
+from retinaseg.core.errors import DataError
 from retinaseg.data.sources.files import (
     Catalogue,
     Entry,
     check_paired_with_images,
     open_files,
 )
-from retinaseg.errors import DataError
 
 NAME = "CHASE_DB1"
 ROOT_ENV = "CHASE_DB1_ROOT"

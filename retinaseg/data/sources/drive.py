@@ -10,6 +10,7 @@ images' 2nd_manual is the second observer. FOV masks are given.
 
 import re
 
+from retinaseg.core.errors import DataError
 from retinaseg.data.preprocess import IMAGE_SUFFIXES
 from retinaseg.data.sources.files import (
     Catalogue,
@@ -19,7 +20,6 @@ from retinaseg.data.sources.files import (
     check_paired_with_images,
     open_files,
 )
-from retinaseg.errors import DataError
 
 NAME = "DRIVE"
 ROOT_ENV = "DRIVE_ROOT"

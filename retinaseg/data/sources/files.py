@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from retinaseg.core.errors import DataError
 from retinaseg.data.preprocess import (
     MAX_FILE_BYTES,
     check_file_size,
@@ -28,7 +29,6 @@ from retinaseg.data.preprocess import (
     read_photograph,
 )
 from retinaseg.data.sample import Sample
-from retinaseg.errors import DataError
 
 log = logging.getLogger(__name__)
 

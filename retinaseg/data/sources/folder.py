@@ -13,6 +13,7 @@ import logging
 import re
 from pathlib import PurePosixPath
 
+from retinaseg.core.errors import DataError
 from retinaseg.data.preprocess import IMAGE_SUFFIXES
 from retinaseg.data.sources.files import (
     Catalogue,
@@ -23,7 +24,6 @@ from retinaseg.data.sources.files import (
     without_file,
     without_image,
 )
-from retinaseg.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ mmsegmentation (tools/dataset_converters/hrf.py) and bob.ip.binseg (hrf/default.
 
 import re
 
+from retinaseg.core.errors import DataError
 from retinaseg.data.sources.files import (
     Catalogue,
     Entry,
     check_paired_with_images,
     open_files,
 )
-from retinaseg.errors import DataError
 
 NAME = "HRF"
 ROOT_ENV = "HRF_ROOT"

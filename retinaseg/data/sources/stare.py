@@ -16,6 +16,7 @@ tools/dataset_converters/stare.py (sorted names, 10/10) and bob.ip.binseg's prot
 import logging
 import re
 
+from retinaseg.core.errors import DataError
 from retinaseg.data.sources.files import (
     Catalogue,
     Entry,
@@ -24,7 +25,6 @@ from retinaseg.data.sources.files import (
     open_root,
     without_file,
 )
-from retinaseg.errors import DataError
 
 log = logging.getLogger(__name__)
 

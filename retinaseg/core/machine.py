@@ -1,0 +1,36 @@
+"""The fastest mixed precision the hardware runs well, for `trainer.precision: ${fastest_precision:}`
+(the resolver is registered by retinaseg.core.config)."""
+
+from pathlib import Path
+
+import torch
+
+
+def cpu_info() -> tuple[str | None, set[str]]:
+    """The CPU's model name and feature flags, from Linux's /proc/cpuinfo (None and no flags elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None, set()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last processor's, all alike
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    return fields.get("model name"), set(fields.get("flags", "").split())
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_info()[1])
+
+
+def fastest_precision() -> str:
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    # On CPUs without native bf16 (e.g. AVX2-only), bf16 autocast measured 10-17x slower than float32.
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def compile_gains(device: torch.device) -> bool:
+    """Whether `model.compile=auto` compiles the network on `device`: on CUDA GPUs (not measured in this project yet);
+    not on CPUs, where drive_cpu's compiled step ran at 0.44x-0.92x of the eager one on a shared 2-core AVX-512
+    BF16 CPU, before the compile time (docs/speed.md)."""
+    return device.type == "cuda"
