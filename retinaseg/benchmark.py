@@ -6,7 +6,7 @@ notebook (no Lightning, no channels_last), on the same model size, patches, batc
 at our default precision; the seconds the first steps took beyond the others (the compilation), the share of
 the step spent waiting for data, and the training loader's patches per second alone. Inference:
 seconds per whole DRIVE test image for each inference mode, and for each backend and precision
-(retinaseg.inference.windows.on_backend). Prints tables and writes JSON, with the CPU's flags.
+(retinaseg.inference.backends.on_backend). Prints tables and writes JSON, with the CPU's flags.
 """
 
 import copy
@@ -20,13 +20,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from retinaseg.core import config
 from retinaseg.core.errors import ConfigError, check_bool, check_choice, check_int, exit_on_user_error
 from retinaseg.core.machine import cpu_has_bf16, cpu_info
 from retinaseg.core.safe_io import write_text
-from retinaseg.inference.windows import MODES, on_backend
+from retinaseg.inference.backends import on_backend
+from retinaseg.inference.binarise import Binarisation
+from retinaseg.inference.predictor import Predictor
+from retinaseg.inference.settings import MODES, InferenceSettings
 from retinaseg.model.losses import SegmentationLoss
 from retinaseg.model.unet import UNet
 from retinaseg.runs.budget import StepTimer, timing_trainer
@@ -125,14 +128,15 @@ def data_seconds(cfg: DictConfig, datamodule) -> float:
 def inference_seconds(cfg: DictConfig, datamodule, mode: str, precision: str, device: torch.device) -> float:
     """Mean seconds per whole test image (batch of one) with the given inference mode, after one warmup image."""
     model = hydra.utils.instantiate(cfg.model, _convert_="all").to(device).eval()
-    model.inference["mode"] = mode
+    predictor = model.predictor
+    inference = InferenceSettings.of({"mode": mode}, "inference_modes[]", base=predictor.inference)
     loader = datamodule.test_dataloader()
     images = [batch["image"] for _, batch in zip(range(cfg.inference_images + 1), loader)]
     times = []
     for image in images:
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision in AUTOCAST):
-            model.predict_probabilities(image.to(device))
+            predictor.probabilities(image.to(device), inference=inference)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -195,7 +199,9 @@ def backend_seconds(cfg: DictConfig, datamodule) -> list[dict]:
     torch.manual_seed(cfg.seed)
     contiguous = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth).eval()
     nets = {False: contiguous, True: copy.deepcopy(contiguous).to(memory_format=torch.channels_last)}
-    rows, runtimes = [], {}
+    # Whole images, one at a time, as the rows say.
+    inference = InferenceSettings(mode="whole", batch_size=1)
+    rows, predictors = [], {}
     for name in cfg.backends:
         backend, precision, channels_last = BACKEND_VARIANTS[name]
         row = {"variant": name, "backend": backend, "precision": precision, "channels_last": channels_last}
@@ -203,19 +209,20 @@ def backend_seconds(cfg: DictConfig, datamodule) -> list[dict]:
         row["skipped"] = skipped_because(backend, precision)
         if not row["skipped"]:
             start = time.perf_counter()
-            runtimes[name] = on_backend(nets[channels_last], backend, precision, cfg.model.in_channels)
+            runtime = on_backend(nets[channels_last], backend, precision, cfg.model.in_channels)
+            predictors[name] = Predictor(runtime, inference, Binarisation())
             row["setup_s"] = time.perf_counter() - start  # OpenVINO: converting and compiling the model
 
     def run(name: str, image: torch.Tensor) -> None:
         layout = torch.channels_last if BACKEND_VARIANTS[name][2] else torch.contiguous_format
-        runtimes[name](image.contiguous(memory_format=layout))
+        predictors[name].probabilities(image.contiguous(memory_format=layout))
 
     best = {}
     with torch.inference_mode():
-        for name in runtimes:
+        for name in predictors:
             run(name, images[0])  # warm-up: first-call allocations, OpenVINO's compilation for this size
         for _ in range(cfg.rounds):
-            for name in runtimes:
+            for name in predictors:
                 start = time.perf_counter()
                 for image in images:
                     run(name, image)
@@ -315,7 +322,7 @@ def benchmark(cfg: DictConfig) -> dict:
             "steps": cfg.steps,
             "rounds": cfg.rounds,
             "dataset": cfg.data.dataset,
-            "inference": OmegaConf.to_container(cfg.model.inference),
+            "inference": InferenceSettings.of(cfg.model.inference, "model.inference").to_json(),
         },
         "training": training,
         "data": data,

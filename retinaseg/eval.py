@@ -4,10 +4,10 @@ other, and write what every number comes from."""
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -20,16 +20,13 @@ from retinaseg.core import config
 from retinaseg.core.errors import ConfigError, check_bool, check_choice, check_int, check_number, exit_on_user_error
 from retinaseg.core.progress import tracked
 from retinaseg.core.safe_io import write_atomically, write_png, write_text
-from retinaseg.data import sources
 from retinaseg.data.datamodule import FundusDataModule
-from retinaseg.data.preprocess import Preprocessing, resize_probabilities
 from retinaseg.data.sample import Sample, fov_source
 from retinaseg.evaluation import calibration, plots, stats
 from retinaseg.evaluation.metrics import DISPLAY, Histograms, Scores, count_images, score
 from retinaseg.inference.binarise import Binarisation, binarise
-from retinaseg.inference.windows import Runtime, on_backend
-from retinaseg.model.checkpoint import Checkpoint, load_checkpoint, resolve_device
-from retinaseg.model.module import VesselSegmentationModule
+from retinaseg.inference.predictor import Predictor
+from retinaseg.model.checkpoint import data_settings, load_checkpoint, resolve_device
 from retinaseg.runs.sweeps import in_multirun
 from retinaseg.tracking import wandb as tracking
 
@@ -39,56 +36,11 @@ log = logging.getLogger(__name__)
 # train: the images the checkpoint trained on (its own data settings), for thresholds chosen beforehand on them
 # (retinaseg.evaluation.literature).
 SPLITS = ("test", "val", "train", "all")
-# The model's own preprocessing, always the checkpoint's (data.scale belongs to the dataset scored).
-MODEL_PREPROCESSING = ("mean", "std", "clahe")
 
 
-def data_settings(checkpoint: Checkpoint, data: dict) -> tuple[dict, dict]:
-    """(own, target): the checkpoint's data settings (its dataset and split, where its validation images come
-    from) and the settings of the images to score.
-
-    Without `data=<name>` the target is the checkpoint's own dataset, with the non-null data.* overrides. With it
-    (`data` then holds that dataset's whole config), the target is that dataset as configured (reader, root, split,
-    scale) with the checkpoint's mean, std and CLAHE. A dataset path of the checkpoint's that does not exist here (a
-    checkpoint from another machine, or none recorded) is replaced by the dataset's environment variable
-    ($DRIVE_ROOT, ...) unless data.root is given.
-    """
-    own = dict(checkpoint.data)
-    chosen = "dataset" in data
-    if not chosen:
-        own.update({key: value for key, value in data.items() if value is not None})
-    env = sources.root_env(own["dataset"])
-    if (chosen or data.get("root") is None) and env and os.environ.get(env) and not Path(str(own.get("root"))).exists():
-        missing = (
-            "the checkpoint records no data.root"  # a packaged model (pretrained:<name>)
-            if own.get("root") is None
-            else f"the checkpoint's data.root {own['root']} does not exist here"
-        )
-        log.info("%s; using %s=%s", missing, env, os.environ[env])
-        own["root"] = os.environ[env]
-    if not chosen:
-        return own, own
-    target = {key: value for key, value in data.items() if key != "_target_"}
-    return own, {**target, **{key: own[key] for key in MODEL_PREPROCESSING if key in own}}
-
-
-def predict_samples(
-    module: VesselSegmentationModule,
-    runtime: Runtime,
-    samples: list[Sample],
-    preprocessing: Preprocessing,
-    tta: bool,
-    what: str,
-) -> dict[str, np.ndarray]:
-    """Probability map (H, W) float32 of each sample at its own resolution, by id, with `module`'s inference
-    settings on `runtime`."""
-    device = module.device
-    probs = {}
-    for sample in tracked(samples, f"predicting {what}"):
-        image = preprocessing.tensor(sample.image)[None].to(device)
-        prob = resize_probabilities(module.predict_probabilities(image, tta, runtime), sample.label.shape)
-        probs[sample.id] = prob[0, 0].cpu().numpy()
-    return probs
+def predict_samples(predictor: Predictor, samples: list[Sample], what: str) -> dict[str, np.ndarray]:
+    """Probability map (H, W) float32 of each sample at its own resolution, by id."""
+    return {s.id: predictor.photograph(s.image, s.id) for s in tracked(samples, f"predicting {what}")}
 
 
 def best_f1_threshold(probs: dict[str, np.ndarray], samples: list[Sample]) -> float:
@@ -286,13 +238,17 @@ def evaluate(cfg: DictConfig) -> dict:
             f"{checkpoint.path} is a plain state_dict, which does not record the images its training held out for "
             "validation: score it on split=test with a fixed threshold (threshold=0.5, the original's)."
         )
-    inference = OmegaConf.to_container(cfg.inference)
-    backend, precision = inference.pop("backend"), inference.pop("precision")
-    module = checkpoint.build_module(inference).to(device)
-    runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
-    # Unset options are the checkpoint's own (model.hysteresis, model.min_size).
-    hysteresis = module.binarisation.hysteresis if hysteresis is None else hysteresis
-    min_size = module.binarisation.min_size if min_size is None else min_size
+    # Unset options are the checkpoint's own (model.hysteresis, model.min_size); "val" ones are chosen below.
+    predictor = checkpoint.predictor(
+        device,
+        OmegaConf.to_container(cfg.inference),
+        cfg.tta,
+        threshold=None if threshold == "val" else threshold,
+        hysteresis=None if hysteresis == "val" else hysteresis,
+        min_size=None if min_size == "val" else min_size,
+    )
+    hysteresis = predictor.binarisation.hysteresis if hysteresis is None else hysteresis
+    min_size = predictor.binarisation.min_size if min_size is None else min_size
     own, target = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
     if cfg.split == "val" and target is not own:
         raise ConfigError(
@@ -307,7 +263,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if chosen or cfg.split == "val":
         # The training images only: test labels are never read to choose the threshold or the options.
         val_samples = own_data.samples("val")
-        val_probs = predict_samples(module, runtime, val_samples, own_data.preprocessing, cfg.tta, "validation images")
+        own_predictor = dataclasses.replace(predictor, preprocessing=own_data.preprocessing)
+        val_probs = predict_samples(own_predictor, val_samples, "validation images")
     if threshold == "val":
         threshold = best_f1_threshold(val_probs, val_samples)
         log.info("threshold %.4f maximises F1 on the %d validation images", threshold, len(val_samples))
@@ -325,7 +282,9 @@ def evaluate(cfg: DictConfig) -> dict:
         data, samples, probs = own_data, val_samples, val_probs
     else:
         samples = data.samples(cfg.split)
-        probs = predict_samples(module, runtime, samples, data.preprocessing, cfg.tta, f"{cfg.split} images")
+        probs = predict_samples(
+            dataclasses.replace(predictor, preprocessing=data.preprocessing), samples, f"{cfg.split} images"
+        )
 
     observer = None
     if all(s.second_label is not None for s in samples):
@@ -357,7 +316,7 @@ def evaluate(cfg: DictConfig) -> dict:
         fov=fov_source(samples),
         scale=data.preprocessing.scale,
         tta=bool(cfg.tta),
-        inference={**module.inference, "backend": runtime.backend, "precision": runtime.precision},
+        inference=predictor.description(),
         checkpoint=checkpoint.name or str(checkpoint.path.resolve()),
         bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
     )
@@ -367,7 +326,7 @@ def evaluate(cfg: DictConfig) -> dict:
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
     tracking.log_evaluation(
-        loggers, metrics, scores.rows, figures, samples[: cfg.plot_images], probs, checkpoint, module
+        loggers, metrics, scores.rows, figures, samples[: cfg.plot_images], probs, checkpoint, predictor.net
     )
     print(table(metrics))
     log.info("evaluation of %s written to %s", metrics["checkpoint"], output_dir)

@@ -16,7 +16,7 @@ from retinaseg.core import config
 from retinaseg.core.errors import ConfigError, check_choice, exit_on_user_error
 from retinaseg.core.safe_io import write_atomically, write_text
 from retinaseg.data.preprocess import CLAHE_CLIP_LIMIT, CLAHE_TILES
-from retinaseg.inference.binarise import Binarisation
+from retinaseg.inference.predictor import Predictor
 from retinaseg.model.checkpoint import Checkpoint, load_checkpoint
 
 try:  # the `onnx` extra; onnxscript is what torch's exporter needs, onnx comes with it
@@ -67,12 +67,9 @@ def to_onnx(net: nn.Module, path: Path, output: str = "probabilities", channels:
     write_atomically(path, lambda file: onnx.save_model(proto, file))
 
 
-def description(checkpoint: Checkpoint, model_file: Path, output: str) -> dict:
+def description(checkpoint: Checkpoint, predictor: Predictor, model_file: Path, output: str) -> dict:
     """The JSON beside an exported model: its input, preprocessing, output and binarisation."""
-    hparams, pre = checkpoint.hyper_parameters, checkpoint.preprocessing()
-    binarisation = Binarisation.checked(
-        hparams.get("threshold", 0.5), hparams.get("hysteresis"), hparams.get("min_size", 0), "model."
-    )
+    hparams, pre, binarisation = checkpoint.hyper_parameters, predictor.preprocessing, predictor.binarisation
     threshold = binarisation.threshold
     preprocessing = {
         "steps": "RGB uint8 -> resized by scale (OpenCV INTER_AREA; only if scale != 1) -> CLAHE on the CIE L* "
@@ -130,12 +127,12 @@ def export(cfg: DictConfig) -> Path:
     if onnx is None:
         raise ConfigError("format=onnx needs onnx and onnxscript (torch's ONNX exporter): pip install -e '.[onnx]'.")
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    module = checkpoint.build_module()
+    predictor = checkpoint.predictor(torch.device("cpu"))
     # The description first, the model last: where the model is, its description is too. A description whose
     # model an interruption kept from being written is removed, or (SIGKILL) replaced by the next export.
-    write_text(sidecar, json.dumps(description(checkpoint, path, cfg.output), indent=2) + "\n")
+    write_text(sidecar, json.dumps(description(checkpoint, predictor, path, cfg.output), indent=2) + "\n")
     try:
-        to_onnx(module.net, path, cfg.output, module.hparams.in_channels)
+        to_onnx(predictor.net, path, cfg.output, checkpoint.hyper_parameters.get("in_channels", 3))
     except BaseException:
         sidecar.unlink(missing_ok=True)
         raise

@@ -3,18 +3,25 @@ model, the form of `retinaseg/pretrained/drive/`: its weights in safetensors (mo
 model.json its model and data settings with the ranges of brightness, contrast, vessel density and FOV width over
 its training photographs (retinaseg.inference.quality), which predict checks each photograph against."""
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from retinaseg.core import config
 from retinaseg.core.errors import ConfigError, exit_on_user_error
 from retinaseg.data.datamodule import FundusDataModule
-from retinaseg.eval import data_settings
 from retinaseg.inference.quality import references
-from retinaseg.model.checkpoint import PACKAGED_SETTINGS, PACKAGED_WEIGHTS, load_checkpoint, save_pretrained
+from retinaseg.model.checkpoint import (
+    PACKAGED_SETTINGS,
+    PACKAGED_WEIGHTS,
+    data_settings,
+    load_checkpoint,
+    save_pretrained,
+)
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -32,7 +39,7 @@ def package_model(cfg: DictConfig) -> list[Path]:
             f"{checkpoint.path} is a plain state_dict, which does not record its training images: package a "
             "checkpoint written by `python -m retinaseg.train`."
         )
-    module = checkpoint.build_module()
+    predictor = checkpoint.predictor(torch.device("cpu"))
     own, _ = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
     data = FundusDataModule(**own)
     # All the photographs of its training split: those it trained on and those held out for validation.
@@ -40,9 +47,7 @@ def package_model(cfg: DictConfig) -> list[Path]:
     log.info(
         "measuring the model's %d training photographs (%s) for its reference ranges", len(samples), own["dataset"]
     )
-    ranges = references(
-        module.predict_probabilities, samples, data.preprocessing, module.hparams.threshold, own["dataset"]
-    )
+    ranges = references(dataclasses.replace(predictor, preprocessing=data.preprocessing), samples, own["dataset"])
     written = save_pretrained(checkpoint, folder, ranges)
     log.info(
         "packaged model of %s written: %s; reference ranges %s", checkpoint.path, ", ".join(map(str, written)), ranges

@@ -40,11 +40,8 @@ from retinaseg.data.preprocess import (
     read_fov,
     read_image_file,
     read_photograph,
-    resize_probabilities,
 )
-from retinaseg.inference.binarise import Binarisation, binarise
 from retinaseg.inference.quality import Quality, assess
-from retinaseg.inference.windows import available_memory, inference_memory, on_backend
 from retinaseg.model.checkpoint import load_checkpoint, resolve_device
 from retinaseg.runs.rundir import RunDir
 
@@ -172,41 +169,6 @@ def write_report(path: Path, outcomes: list[Outcome]) -> None:
     write_text(path, table.getvalue())
 
 
-def inference_that_fits(module, shape: tuple[int, int], photo: Path, scale: float) -> dict:
-    """The module's inference settings for an input of `shape` (H, W), switched from whole images to sliding windows
-    (with a warning) where the whole image would need more than half the memory available (the photograph's own
-    arrays need the rest); refused where even that does not fit."""
-    settings, base_channels = module.inference, module.hparams.base_channels
-    budget = available_memory(module.device) // 2
-    whole = inference_memory(shape, base_channels, settings)
-    if whole <= budget:
-        return settings
-    sliding = {**settings, "mode": "sliding"}
-    needed = inference_memory(shape, base_channels, sliding)
-    if needed <= budget:
-        log.warning(
-            "%s: whole-image inference at %dx%d would need about %s of the %s available; using sliding windows of "
-            "%d px instead",
-            photo.name,
-            shape[1],
-            shape[0],
-            mebibytes(whole),
-            mebibytes(2 * budget),
-            settings["window"],
-        )
-        return sliding
-    raise DataError(
-        f"{photo} needs about {mebibytes(needed)} for inference at {shape[1]}x{shape[0]} even with sliding windows of "
-        f"{settings['window']} px, more than half of the {mebibytes(2 * budget)} available: use smaller "
-        "inference.window and inference.batch_size, or bring the photograph to a smaller size with scale=<factor> "
-        f"(predict's counterpart of data.scale; now {scale:g})."
-    )
-
-
-def mebibytes(size: int) -> str:
-    return f"{size / 2**20:,.1f} MiB"
-
-
 def predict(cfg: DictConfig) -> list[Path]:
     """Segment every photograph of `cfg.input` into `cfg.output_dir`; return the masks written."""
     tta = check_bool("tta", cfg.tta)
@@ -223,24 +185,13 @@ def predict(cfg: DictConfig) -> list[Path]:
             DEFAULT_MODEL,
             checkpoint.path.with_name("README.md"),
         )
-    preprocessing = checkpoint.preprocessing()
-    if cfg.scale is not None:
-        preprocessing = dataclasses.replace(
-            preprocessing, scale=check_number("scale", cfg.scale, 0, include_minimum=False)
-        )
-    inference = OmegaConf.to_container(cfg.inference)
-    backend, precision = inference.pop("backend"), inference.pop("precision")
-    module = checkpoint.build_module(inference).to(device)
-    runtime = on_backend(module.net, backend, precision, module.hparams.in_channels)
-    # Unset: the checkpoint's own (model.threshold, model.hysteresis, model.min_size), as eval's.
-    own = module.binarisation
-    binarisation = Binarisation.checked(
-        own.threshold if threshold is None else threshold,
-        own.hysteresis if hysteresis is None else hysteresis,
-        own.min_size if min_size is None else min_size,
+    scale = None if cfg.scale is None else check_number("scale", cfg.scale, 0, include_minimum=False)
+    # Unset: the checkpoint's own (model.threshold, model.hysteresis, model.min_size, data.scale), as eval's.
+    predictor = checkpoint.predictor(
+        device, OmegaConf.to_container(cfg.inference), tta, threshold, hysteresis, min_size, scale
     )
     fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
-    log.info("segmenting %d photograph(s) on %s (%s) into %s", len(photos), module.device, binarisation, output_dir)
+    log.info("segmenting %d photograph(s) on %s (%s) into %s", len(photos), device, predictor.binarisation, output_dir)
     if checkpoint.references is None:
         log.warning(
             "%s records no ranges of its training photographs: brightness, contrast, vessel density and size are "
@@ -260,18 +211,15 @@ def predict(cfg: DictConfig) -> list[Path]:
             log.warning("skipping %s: %s", photo.name, error)
             outcomes.append(Outcome(photo.name, "skipped", "", str(error)))
             continue
-        x = preprocessing.tensor(image)[None].to(module.device)
-        prob = module.predict_probabilities(
-            x, tta, runtime, inference_that_fits(module, x.shape[-2:], photo, preprocessing.scale)
-        )
-        prob = resize_probabilities(prob, image.shape[:2])[0, 0].cpu().numpy() * fov
-        mask = binarise(prob, fov, binarisation)
+        prob = predictor.photograph(image, str(photo)) * fov
+        mask = predictor.mask(prob, fov)
         prob_path, mask_path, overlay_path = (output_dir / name.format(photo.stem) for name in OUTPUTS)
         write_png(prob_path, np.round(prob * 255).astype(np.uint8))
         write_png(mask_path, mask.astype(np.uint8) * 255)
         write_png(overlay_path, overlay(image, mask, fov))
         written.append(mask_path)
-        quality = assess(image, fov, fov_path is not None, mask, preprocessing.scale, checkpoint.references)
+        scale = predictor.preprocessing.scale
+        quality = assess(image, fov, fov_path is not None, mask, scale, checkpoint.references)
         log.log(logging.WARNING if quality.warnings else logging.INFO, "%s: %s", photo.name, quality.summary())
         outcomes.append(Outcome(photo.name, "written", mask_path.name, "", quality))
     skipped = [outcome for outcome in outcomes if outcome.status == "skipped"]

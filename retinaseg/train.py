@@ -124,7 +124,7 @@ def train(cfg: DictConfig) -> float | None:
             "scale": datamodule.preprocessing.scale,
             # How the test ran (eval's metrics.json has the same entry): in the trainer's precision, which may
             # differ from eval's default fp32 (the docs, "Training's test and eval").
-            "inference": {**model.inference, "backend": "torch", "precision": str(trainer.precision)},
+            "inference": {**model.inference.to_json(), "backend": "torch", "precision": str(trainer.precision)},
             "tta": False,
         }
         if steps is not None:

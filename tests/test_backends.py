@@ -1,4 +1,4 @@
-"""Inference backends (retinaseg.inference.windows.on_backend): OpenVINO runs the U-Net as torch does (probabilities
+"""Inference backends (retinaseg.inference.backends.on_backend): OpenVINO runs the U-Net as torch does (probabilities
 within 1e-3, the same metrics to 3 decimals) in eval and predict; auto chooses one; a missing OpenVINO is one
 clear error. The OpenVINO tests skip only where the `openvino` extra is not installed (CI installs it)."""
 
@@ -13,7 +13,9 @@ from helpers import compose_config
 from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
 from retinaseg.evaluation.metrics import REPORTED
-from retinaseg.inference.windows import on_backend, predict_probabilities
+from retinaseg.inference.backends import on_backend
+from retinaseg.inference.settings import InferenceSettings
+from retinaseg.inference.windows import predict_probabilities
 from retinaseg.model.unet import UNet
 from retinaseg.predict import predict
 
@@ -38,8 +40,8 @@ def test_openvino_probabilities_match_torch(openvino, net, precision, tolerance)
     # Batches of 1 to 3, sizes that are and are not multiples of the U-Net's 2**depth, whole and tiled.
     for images in (torch.randn(1, 3, 37, 53), torch.randn(3, 3, 64, 64), torch.randn(2, 3, 17, 90)):
         for mode in ("whole", "sliding"):
-            expected = predict_probabilities(net, images, mode=mode, window=32, batch_size=2)
-            actual = predict_probabilities(runtime, images, mode=mode, window=32, batch_size=2)
+            expected = predict_probabilities(net, images, InferenceSettings(mode=mode, window=32, batch_size=2))
+            actual = predict_probabilities(runtime, images, InferenceSettings(mode=mode, window=32, batch_size=2))
             assert actual.shape == expected.shape and actual.dtype == torch.float32
             assert (actual - expected).abs().max() < tolerance
 
@@ -53,7 +55,7 @@ def test_torch_bf16_runs_under_autocast(net):
 
 @pytest.mark.slow
 def test_auto_chooses_a_backend_by_timing_it(openvino, net, caplog):
-    caplog.set_level("INFO", logger="retinaseg.inference.windows")
+    caplog.set_level("INFO", logger="retinaseg.inference.backends")
     runtime = on_backend(net, "auto")
     assert runtime.backend in ("torch", "openvino")
     assert f"inference.backend=auto: {runtime.backend}" in caplog.text

@@ -142,6 +142,6 @@ def test_the_module_binarises_its_batches_as_eval_does():
     prob, fov, _ = hand_made()
     module = VesselSegmentationModule(base_channels=4, depth=2, hysteresis=0.6, min_size=5)
     probs, fovs = (torch.from_numpy(x)[None, None].repeat(2, 1, 1, 1) for x in (prob, fov))
-    masks = module.binarised(probs, fovs)
+    masks = module.predictor.masks(probs, fovs)
     assert masks.shape == (2, 1, 40, 40)
     assert np.array_equal(masks[1, 0].numpy(), binarise(prob, fov, Binarisation(0.5, 0.6, 5)))

@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from helpers import STARE_LABELLED, compose_config, make_chase, make_stare, read_split, run_entry_point
-from retinaseg.data.preprocess import estimate_fov, resize_probabilities
+from retinaseg.data.preprocess import estimate_fov
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.eval import evaluate
 from retinaseg.model.checkpoint import load_checkpoint
@@ -102,7 +102,7 @@ def test_scale_is_the_target_datasets_and_scores_stay_at_full_resolution(drive_c
         x = dataclasses.replace(preprocessing, scale=0.5).tensor(s.image)
         assert x.shape == (3, 292, 282)  # 584x565 photographs seen at half size
         with torch.no_grad():
-            expected = resize_probabilities(module.predict_probabilities(x[None]), s.label.shape)[0, 0].numpy()
+            expected = module.predictor.probabilities(x[None], s.label.shape)[0, 0].numpy()
         assert probs[name].shape == (584, 565) and np.array_equal(probs[name], expected)
 
 

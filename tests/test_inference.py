@@ -2,6 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from retinaseg.core.errors import ConfigError
+from retinaseg.inference.settings import InferenceSettings
 from retinaseg.inference.windows import predict_probabilities, sliding_window_inference
 from retinaseg.model.unet import UNet
 
@@ -168,7 +170,7 @@ def conv_model():
 @pytest.mark.parametrize("mode", ["whole", "sliding"])
 def test_predict_probabilities_shape_range_and_no_graph(conv_model, mode):
     images = torch.randn(3, 3, 37, 53)
-    probs = predict_probabilities(conv_model, images, mode=mode, window=16, batch_size=2)
+    probs = predict_probabilities(conv_model, images, InferenceSettings(mode=mode, window=16, batch_size=2))
     assert probs.shape == (3, 1, 37, 53) and probs.dtype == torch.float32
     assert probs.min() >= 0 and probs.max() <= 1
     assert not probs.requires_grad
@@ -178,14 +180,14 @@ def test_predict_probabilities_whole_is_sigmoid_of_model(conv_model):
     images = torch.randn(5, 3, 21, 30)
     with torch.no_grad():
         expected = conv_model(images).sigmoid()
-    torch.testing.assert_close(predict_probabilities(conv_model, images, batch_size=2), expected)
+    torch.testing.assert_close(predict_probabilities(conv_model, images, InferenceSettings(batch_size=2)), expected)
 
 
 def test_predict_probabilities_sliding_with_window_covering_image_matches_whole(conv_model):
     # Zero padding up to the window matches the conv's own zero padding, so one window reproduces "whole".
     images = torch.randn(2, 3, 21, 30)
     whole = predict_probabilities(conv_model, images)
-    sliding = predict_probabilities(conv_model, images, mode="sliding", window=32)
+    sliding = predict_probabilities(conv_model, images, InferenceSettings(mode="sliding", window=32))
     torch.testing.assert_close(sliding, whole)
 
 
@@ -193,7 +195,9 @@ def test_predict_probabilities_autocast_bf16(conv_model):
     images = torch.randn(2, 3, 21, 30)
     reference = predict_probabilities(conv_model, images)
     for mode in ("whole", "sliding"):
-        probs = predict_probabilities(conv_model, images, mode=mode, window=16, autocast_dtype=torch.bfloat16)
+        probs = predict_probabilities(
+            conv_model, images, InferenceSettings(mode=mode, window=16), autocast_dtype=torch.bfloat16
+        )
         assert probs.dtype == torch.float32
         if mode == "whole":
             torch.testing.assert_close(probs, reference, atol=2e-2, rtol=0)
@@ -203,12 +207,13 @@ def test_predict_probabilities_autocast_bf16(conv_model):
 def test_predict_probabilities_unet_any_size(mode):
     torch.manual_seed(0)
     model = UNet(base_channels=4, depth=2).eval()
-    probs = predict_probabilities(model, torch.randn(2, 3, 19, 27), mode=mode, window=16)
+    probs = predict_probabilities(model, torch.randn(2, 3, 19, 27), InferenceSettings(mode=mode, window=16))
     assert probs.shape == (2, 1, 19, 27)
     assert torch.isfinite(probs).all() and probs.min() >= 0 and probs.max() <= 1
     assert not model.training  # left as the caller set it
 
 
 def test_predict_probabilities_unknown_mode_raises(conv_model):
-    with pytest.raises(ValueError, match="mode"):
-        predict_probabilities(conv_model, torch.randn(1, 3, 8, 8), mode="tiled")
+    # The settings are checked once, where they are made; predict_probabilities takes them checked.
+    with pytest.raises(ConfigError, match="mode"):
+        predict_probabilities(conv_model, torch.randn(1, 3, 8, 8), InferenceSettings.of({"mode": "tiled"}, "inference"))

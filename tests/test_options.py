@@ -63,7 +63,7 @@ def test_compiled_probabilities_equal_eager_ones_within_bf16_tolerance():
     assert list(compiled.state_dict()) == list(eager.state_dict())
     x = torch.rand(1, 3, 20, 24)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, actual = eager.predict_probabilities(x), compiled.predict_probabilities(x)
+        expected, actual = eager.predictor.probabilities(x), compiled.predictor.probabilities(x)
     assert graphs_compiled() > before
     # bf16 keeps 8 bits of mantissa: probabilities agree to about 1/256.
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-2)

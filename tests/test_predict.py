@@ -16,7 +16,7 @@ from helpers import TINY_SYNTHETIC, compose_config, encode, read_split, write_ch
 from retinaseg.core.errors import DataError
 from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_mask, read_photograph
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.inference.windows import inference_memory
+from retinaseg.inference.settings import InferenceSettings
 from retinaseg.model.checkpoint import load_checkpoint
 from retinaseg.predict import predict
 
@@ -161,7 +161,7 @@ def test_predict_equalises_photographs_like_the_checkpoint_was_trained(drive_che
     assert preprocessing.clahe
     with torch.no_grad():
         x = normalize(equalize_contrast(image), preprocessing.mean, preprocessing.std)[None]
-        expected = module.predict_probabilities(x)[0, 0].numpy()
+        expected = module.predictor.probabilities(x)[0, 0].numpy()
     fov = estimate_fov(image)
     got = read(tmp_path / "clahe" / "photo_prob.png").astype(float) / 255
     assert np.abs(got - expected * fov).max() <= 0.5 / 255 + 1e-6
@@ -249,11 +249,11 @@ def test_predict_switches_to_sliding_windows_or_refuses_where_memory_is_short(tm
     photo.write_bytes(encode(synthetic_samples(1, height=96, width=96)[0].image, ".png"))
 
     def run(available: int, output: str):
-        monkeypatch.setattr("retinaseg.predict.available_memory", lambda device: available)
+        monkeypatch.setattr("retinaseg.inference.predictor.available_memory", lambda device: available)
         overrides = [f"ckpt_path={checkpoint}", f"input={photo}", f"output_dir={tmp_path / output}", "device=cpu"]
         return predict(compose_config("predict", overrides + ["inference.window=32"], tmp_path))
 
-    whole = inference_memory((96, 96), 4, {"mode": "whole"})
+    whole = InferenceSettings(mode="whole").memory((96, 96), 4)
     with caplog.at_level(logging.WARNING):
         (mask,) = run(available=whole, output="sliding")  # the whole image needs more than half of it
     assert "using sliding windows of 32 px instead" in caplog.text and read(mask).shape == (96, 96)

@@ -140,7 +140,7 @@ def test_a_packaged_checkpoint_predicts_as_the_checkpoint(packaged_tiny, tmp_pat
     assert packaged.data["root"] is None  # a folder of the training machine is not packaged
     x = torch.rand(1, 3, 64, 48)
     torch.testing.assert_close(
-        packaged.build_module().predict_probabilities(x), original.build_module().predict_probabilities(x)
+        packaged.build_module().predictor.probabilities(x), original.build_module().predictor.probabilities(x)
     )
     # The ranges come from the training photographs (4 synthetic ones, 1 of them held out for validation).
     ref = packaged.references

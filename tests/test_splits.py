@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from helpers import TINY_SYNTHETIC, compose_config, encode, make_drive, write_checkpoint
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.datamodule import FundusDataModule, PatchDataset, WholeImageDataset
-from retinaseg.data.preprocess import Preprocessing, read_mask, resize_mask, resize_probabilities
+from retinaseg.data.preprocess import Preprocessing, read_mask, resize_mask
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.data.splits import kfold, validation
 from retinaseg.evaluation.metrics import HISTOGRAM_BINS, FOVMetrics, ImageCounts, count_images
@@ -77,7 +77,7 @@ def test_scale_resizes_what_the_model_sees_and_scores_at_the_original_resolution
     batch = {key: value[None] if torch.is_tensor(value) else [value] for key, value in item.items()}
     with torch.no_grad():
         probs = module.validation_step(batch, 0)["probs"]
-        expected = resize_probabilities(module.predict_probabilities(batch["image"]), (120, 100))
+        expected = module.predictor.probabilities(batch["image"], (120, 100))
     assert probs.shape == (1, 1, 120, 100) and torch.equal(probs, expected)
     with pytest.raises(ConfigError, match="data.scale must be a number > 0; got 0"):
         Preprocessing(scale=0)

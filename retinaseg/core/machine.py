@@ -1,6 +1,7 @@
-"""The fastest mixed precision the hardware runs well, for `trainer.precision: ${fastest_precision:}`
-(the resolver is registered by retinaseg.core.config)."""
+"""Facts of this machine: its CPU's flags, the fastest mixed precision it runs well (`trainer.precision:
+${fastest_precision:}`, registered by retinaseg.core.config), whether compiling pays, the memory free for inference."""
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,3 +35,15 @@ def compile_gains(device: torch.device) -> bool:
     not on CPUs, where drive_cpu's compiled step ran at 0.44x-0.92x of the eager one on a shared 2-core AVX-512
     BF16 CPU, before the compile time (docs/speed.md)."""
     return device.type == "cuda"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for inference on `device`: the GPU's free memory, or the memory Linux says is available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -6,16 +6,16 @@ their ranges (computed by `references` from the training images when a model is 
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
-import torch
 
 from retinaseg.data.datamodule import AFFINE_SCALE
-from retinaseg.data.preprocess import Preprocessing, estimate_fov, resize_probabilities
+from retinaseg.data.preprocess import estimate_fov
 from retinaseg.data.sample import Sample
+from retinaseg.inference.predictor import Predictor
 
 # The checked values and the decimals they are written with (in predictions.csv, warnings and logs).
 DECIMALS = {"brightness": 1, "contrast": 3, "vessel_density": 3, "fov_width": 0}
@@ -70,15 +70,9 @@ def fov_width(fov: np.ndarray) -> int:
     return int(np.count_nonzero(fov.any(axis=0)))
 
 
-def references(
-    predict: Callable[[torch.Tensor], torch.Tensor],
-    samples: Sequence[Sample],
-    preprocessing: Preprocessing,
-    threshold: float,
-    dataset: str,
-) -> References:
-    """The References of `samples` (the model's training photographs); `predict` maps a batch of preprocessed
-    images to vessel probabilities at the model's resolution.
+def references(predictor: Predictor, samples: Sequence[Sample], dataset: str) -> References:
+    """The References of `samples` (the model's training photographs) by `predictor` (its model, preprocessing and
+    threshold).
 
     Each photograph is measured as predict measures one by default: inside its estimated FOV (a given mask's rim
     differs by a few pixels, which moves the contrast by up to ~0.02 on DRIVE).
@@ -86,12 +80,12 @@ def references(
     values = {"brightness": [], "contrast": [], "vessel_density": [], "fov_width": []}
     for s in samples:
         fov = estimate_fov(s.image)
-        prob = resize_probabilities(predict(preprocessing.tensor(s.image)[None]), fov.shape)[0, 0].numpy()
+        prob = predictor.photograph(s.image, s.id)
         brightness, contrast = brightness_contrast(s.image, fov)
         values["brightness"].append(brightness)
         values["contrast"].append(contrast)
-        values["vessel_density"].append(float((prob[fov] > threshold).mean()))
-        values["fov_width"].append(fov_width(fov) * preprocessing.scale)
+        values["vessel_density"].append(float((prob[fov] > predictor.binarisation.threshold).mean()))
+        values["fov_width"].append(fov_width(fov) * predictor.preprocessing.scale)
     ranges = {key: Range(min(v), max(v)) for key, v in values.items()}
     seen = ranges["fov_width"]
     ranges["fov_width"] = Range(seen.low * AFFINE_SCALE[0], seen.high * AFFINE_SCALE[1])

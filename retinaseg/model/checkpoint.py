@@ -6,9 +6,11 @@ the model's and the data's settings), and a plain U-Net state_dict such as the o
 with the package, by name (`pretrained:drive`): a checkpoint's weights in safetensors and its settings in JSON.
 """
 
+import dataclasses
 import inspect
 import json
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -22,9 +24,13 @@ from safetensors import SafetensorError
 
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.core.safe_io import write_atomically, write_text
+from retinaseg.data import sources
 from retinaseg.data.preprocess import Preprocessing
+from retinaseg.inference.backends import on_backend
+from retinaseg.inference.binarise import Binarisation
+from retinaseg.inference.predictor import Predictor
 from retinaseg.inference.quality import References
-from retinaseg.inference.windows import check_inference
+from retinaseg.inference.settings import InferenceSettings
 from retinaseg.model.module import VesselSegmentationModule
 from retinaseg.model.unet import UNet, rename_legacy_keys
 
@@ -77,16 +83,10 @@ class Checkpoint:
     name: str | None = None
     references: References | None = None
 
-    def build_module(self, inference: dict | None = None) -> VesselSegmentationModule:
-        """The model in eval mode, built from the checkpoint's own hyperparameters.
-
-        `inference` entries that are not None replace the checkpoint's inference settings; compilation is
-        switched off (a one-off evaluation would spend longer compiling than predicting).
-        """
-        hparams = {**self.hyper_parameters, "compile": False}
-        overrides = check_inference({k: v for k, v in (inference or {}).items() if v is not None}, "inference")
-        hparams["inference"] = {**(hparams.get("inference") or {}), **overrides}
-        module = VesselSegmentationModule(**hparams)
+    def build_module(self) -> VesselSegmentationModule:
+        """The model in eval mode, built from the checkpoint's own hyperparameters; compilation is switched off (a
+        one-off evaluation would spend longer compiling than predicting)."""
+        module = VesselSegmentationModule(**{**self.hyper_parameters, "compile": False})
         try:
             module.load_state_dict(self.state_dict)
         except RuntimeError as error:
@@ -98,6 +98,74 @@ class Checkpoint:
     def preprocessing(self) -> Preprocessing:
         """What the model's photographs went through in training: scale, CLAHE, mean and std."""
         return Preprocessing.of(self.data)
+
+    def predictor(
+        self,
+        device: torch.device,
+        inference: Mapping | None = None,
+        tta: bool = False,
+        threshold: float | None = None,
+        hysteresis: float | None = None,
+        min_size: int | None = None,
+        scale: float | None = None,
+    ) -> Predictor:
+        """The model ready to predict on `device`, as eval and predict run it. Each setting that is None is the
+        checkpoint's own: `inference` holds the inference group's settings (mode, window, overlap, batch_size,
+        weighting, backend, precision), `threshold`, `hysteresis` and `min_size` the binarisation's (checked here),
+        `scale` the photographs' resize factor (checked by the caller, who names it)."""
+        settings = dict(inference or {})
+        backend, precision = settings.pop("backend", None) or "torch", settings.pop("precision", None) or "fp32"
+        module = self.build_module().to(device)
+        own = module.binarisation
+        binarisation = Binarisation.checked(
+            own.threshold if threshold is None else threshold,
+            own.hysteresis if hysteresis is None else hysteresis,
+            own.min_size if min_size is None else min_size,
+        )
+        preprocessing = self.preprocessing()
+        return Predictor(
+            runtime=on_backend(module.net, backend, precision, module.hparams.in_channels),
+            inference=InferenceSettings.of(settings, "inference", base=module.inference),
+            binarisation=binarisation,
+            tta=tta,
+            preprocessing=preprocessing if scale is None else dataclasses.replace(preprocessing, scale=scale),
+            base_channels=module.hparams.base_channels,
+            device=device,
+            net=module.net,
+        )
+
+
+# The model's own preprocessing, always the checkpoint's (data.scale belongs to the dataset scored).
+MODEL_PREPROCESSING = ("mean", "std", "clahe")
+
+
+def data_settings(checkpoint: Checkpoint, data: dict) -> tuple[dict, dict]:
+    """(own, target): the checkpoint's data settings (its dataset and split, where its validation images come
+    from) and the settings of the images to score.
+
+    Without `data=<name>` the target is the checkpoint's own dataset, with the non-null data.* overrides. With it
+    (`data` then holds that dataset's whole config), the target is that dataset as configured (reader, root, split,
+    scale) with the checkpoint's mean, std and CLAHE. A dataset path of the checkpoint's that does not exist here (a
+    checkpoint from another machine, or none recorded) is replaced by the dataset's environment variable
+    ($DRIVE_ROOT, ...) unless data.root is given.
+    """
+    own = dict(checkpoint.data)
+    chosen = "dataset" in data
+    if not chosen:
+        own.update({key: value for key, value in data.items() if value is not None})
+    env = sources.root_env(own["dataset"])
+    if (chosen or data.get("root") is None) and env and os.environ.get(env) and not Path(str(own.get("root"))).exists():
+        missing = (
+            "the checkpoint records no data.root"  # a packaged model (pretrained:<name>)
+            if own.get("root") is None
+            else f"the checkpoint's data.root {own['root']} does not exist here"
+        )
+        log.info("%s; using %s=%s", missing, env, os.environ[env])
+        own["root"] = os.environ[env]
+    if not chosen:
+        return own, own
+    target = {key: value for key, value in data.items() if key != "_target_"}
+    return own, {**target, **{key: own[key] for key in MODEL_PREPROCESSING if key in own}}
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -2,18 +2,17 @@
 
 import logging
 import math
-from collections.abc import Callable
 
 import lightning as L
-import numpy as np
 import torch
 
 from retinaseg.core.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from retinaseg.core.machine import compile_gains
-from retinaseg.data.preprocess import resize_probabilities
 from retinaseg.evaluation.metrics import FOVMetrics
-from retinaseg.inference.binarise import Binarisation, binarise
-from retinaseg.inference.windows import check_inference, flip_averaged, predict_probabilities
+from retinaseg.inference.backends import Runtime
+from retinaseg.inference.binarise import Binarisation
+from retinaseg.inference.predictor import Predictor
+from retinaseg.inference.settings import InferenceSettings
 from retinaseg.model.losses import LOSSES, SegmentationLoss
 from retinaseg.model.unet import UNet, rename_legacy_keys
 
@@ -21,11 +20,10 @@ log = logging.getLogger(__name__)
 
 SCHEDULERS = (None, "cosine", "plateau")
 COMPILE = (False, True, "auto")
-DEFAULT_INFERENCE = {"mode": "whole", "window": 256, "overlap": 0.25, "batch_size": 4, "weighting": "gaussian"}
 
 
 class VesselSegmentationModule(L.LightningModule):
-    """Trains on patches; validates and tests on whole images with `inference` (see retinaseg.inference.windows).
+    """Trains on patches; validates and tests on whole images with `inference` (retinaseg.inference.settings).
 
     Every constructor argument is a plain value, saved in the checkpoint, so a checkpoint rebuilds its
     own model (size, loss, inference settings) and loads without executing pickled code.
@@ -59,11 +57,10 @@ class VesselSegmentationModule(L.LightningModule):
         check_choice("model.scheduler", scheduler, SCHEDULERS)
         # How validation, test, eval and predict turn probabilities into vessel masks (retinaseg.inference.binarise).
         self.binarisation = Binarisation.checked(threshold, hysteresis, min_size, "model.")
-        check_inference(inference or {}, "model.inference")
+        self.inference = InferenceSettings.of(inference or {}, "model.inference")
         check_bool("model.channels_last", channels_last)
         check_choice("model.compile", compile, COMPILE)
         self.save_hyperparameters()
-        self.inference = {**DEFAULT_INFERENCE, **(inference or {})}
         self.net = UNet(in_channels, 1, base_channels, depth)
         self.compiled = False  # whether configure_model compiled the net (model.compile)
         if channels_last:
@@ -92,19 +89,11 @@ class VesselSegmentationModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def predict_probabilities(
-        self,
-        images: torch.Tensor,
-        tta: bool = False,
-        runtime: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        inference: dict | None = None,
-    ) -> torch.Tensor:
-        """Vessel probabilities (N, 1, H, W) of whole images, by the configured inference mode (or by `inference`,
-        settings in its place); with `tta`, averaged over the images and their flips. `runtime` computes the
-        logits instead of this module (e.g. the module on OpenVINO: retinaseg.inference.windows.on_backend)."""
-        if tta:
-            return flip_averaged(lambda flipped: self.predict_probabilities(flipped, False, runtime, inference), images)
-        return predict_probabilities(runtime or self, images, **(inference or self.inference))
+    @property
+    def predictor(self) -> Predictor:
+        """How validation and test turn whole preprocessed images into probabilities and masks: this module (under
+        the Trainer's precision), its inference settings and binarisation."""
+        return Predictor(Runtime("torch", "the trainer's", self), self.inference, self.binarisation, net=self.net)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
@@ -118,20 +107,15 @@ class VesselSegmentationModule(L.LightningModule):
 
     def _evaluate(self, batch: dict, metrics: FOVMetrics, stage: str) -> torch.Tensor:
         # Labels and FOV masks stay at the dataset's resolution (data.scale resizes only what the model sees).
-        probs = resize_probabilities(self.predict_probabilities(batch["image"]), batch["label"].shape[-2:])
+        predictor = self.predictor
+        probs = predictor.probabilities(batch["image"], batch["label"].shape[-2:])
         # The loss takes logits; the round trip through logit is exact enough for a reported loss.
         loss = self.loss(torch.logit(probs, eps=1e-6), batch["label"])
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(probs), sync_dist=True)
         # A plain threshold is the metrics' own; the options need the whole image's connected components.
-        masks = None if self.binarisation.plain else self.binarised(probs, batch["fov"])
+        masks = None if self.binarisation.plain else predictor.masks(probs, batch["fov"])
         metrics.update(probs, batch["label"], batch["fov"], masks)
         return probs
-
-    def binarised(self, probs: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
-        """The vessel masks (N, 1, H, W) bool of probabilities (N, 1, H, W) by the model's binarisation."""
-        pairs = zip(probs[:, 0].float().cpu().numpy(), fov[:, 0].bool().cpu().numpy())
-        masks = np.stack([binarise(prob, inside, self.binarisation) for prob, inside in pairs])
-        return torch.from_numpy(masks)[:, None].to(probs.device)
 
     # The probabilities are returned so callbacks (plots, image logging) can use them without recomputing.
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

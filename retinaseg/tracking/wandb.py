@@ -311,7 +311,7 @@ class WandbPredictionImages(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or self._logger(trainer) is None:
             return
         for i in range(min(len(outputs["probs"]), self.num_images - len(self.images))):
-            predicted = pl_module.binarised(outputs["probs"][i : i + 1], batch["fov"][i : i + 1])[0, 0]
+            predicted = pl_module.predictor.masks(outputs["probs"][i : i + 1], batch["fov"][i : i + 1])[0, 0]
             self.images.append(
                 {
                     "image": np.round(displayable(batch["image"][i], batch["label"].shape[-2:]) * 255).astype(np.uint8),
