@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import compose_config
+from helpers.configs import compose_config
 from retinaseg.compare import describe_binarisation
 from retinaseg.core.errors import ConfigError
 from retinaseg.data.sample import Sample

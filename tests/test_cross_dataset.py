@@ -11,8 +11,11 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import STARE_LABELLED, compose_config, make_chase, make_stare, read_split, run_entry_point
+from helpers.commands import run_entry_point
+from helpers.configs import compose_config
+from helpers.datasets import make_chase, make_stare, read_split
 from retinaseg.data.preprocess import estimate_fov, resize_probabilities
+from retinaseg.data.sources.stare import LABELLED as STARE_LABELLED
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.eval import evaluate
 from retinaseg.model.checkpoint import load_checkpoint

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import read_split
+from helpers.datasets import read_split
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.datamodule import EpochSampler, FundusDataModule, PatchDataset
 from retinaseg.data.preprocess import Preprocessing, equalize_contrast

@@ -13,7 +13,10 @@ from skimage import measure
 from skimage.morphology import skeletonize
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import TINY_SYNTHETIC, compose_config, read_split, wandb_runs, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.configs import TINY_SYNTHETIC, compose_config
+from helpers.datasets import read_split
+from helpers.wandb_records import wandb_runs
 from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
 from retinaseg.evaluation import protocols

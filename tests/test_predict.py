@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from helpers import TINY_SYNTHETIC, compose_config, encode, read_split, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.configs import TINY_SYNTHETIC, compose_config
+from helpers.datasets import encode, read_split
 from retinaseg.core.errors import DataError
 from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_mask, read_photograph
 from retinaseg.data.sources.synthetic import synthetic_samples
