@@ -51,14 +51,38 @@ def write_archive(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
+# DRIVE's file names in each folder of a split ("training", "test"), for image number `n`.
+DRIVE_FILES = {
+    "images": "{n:02d}_{split}.tif",
+    "1st_manual": "{n:02d}_manual1.gif",
+    "2nd_manual": "{n:02d}_manual2.gif",
+    "mask": "{n:02d}_{split}_mask.gif",
+}
+
+
+def drive_file(root: Path, split: str, folder: str, number: int) -> Path:
+    """The path of DRIVE image `number`'s file in `folder` of `split` under `root`."""
+    return root / split / folder / DRIVE_FILES[folder].format(n=number, split=split)
+
+
 def make_drive(root: Path, numbers=(21, 22), split: str = "training", size=(48, 40)) -> Path:
     """A DRIVE-layout folder (tif images, gif labels and masks, DRIVE's names) of small synthetic images."""
     for folder in ("images", "1st_manual", "mask"):
         (root / split / folder).mkdir(parents=True, exist_ok=True)
     for number, s in zip(numbers, synthetic_samples(len(numbers), height=size[0], width=size[1])):
-        Image.fromarray(s.image).save(root / split / "images" / f"{number:02d}_{split}.tif")
-        Image.fromarray(s.label * 255).save(root / split / "1st_manual" / f"{number:02d}_manual1.gif")
-        Image.fromarray(s.fov.astype(np.uint8) * 255).save(root / split / "mask" / f"{number:02d}_{split}_mask.gif")
+        Image.fromarray(s.image).save(drive_file(root, split, "images", number))
+        Image.fromarray(s.label * 255).save(drive_file(root, split, "1st_manual", number))
+        Image.fromarray(s.fov.astype(np.uint8) * 255).save(drive_file(root, split, "mask", number))
+    return root
+
+
+def link_drive(drive_root: Path, root: Path, split: str, numbers, folders=("images", "1st_manual", "mask")) -> Path:
+    """A DRIVE-layout folder `root` holding the real DRIVE's (at `drive_root`) images `numbers` of `split`: links
+    to their files in `folders`."""
+    for folder in folders:
+        (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for number in numbers:
+            drive_file(root, split, folder, number).symlink_to(drive_file(drive_root, split, folder, number))
     return root
 
 
