@@ -26,7 +26,7 @@ def drive_root() -> Path:
 @pytest.fixture(scope="session")
 def drive_checkpoint(drive_root, tmp_path_factory) -> Path:
     """best.ckpt of a tiny real training on DRIVE (small U-Net, a few hundred patches, no test stage)."""
-    from helpers import TINY, compose_config
+    from helpers.configs import TINY, compose_config
     from retinaseg.train import train
 
     run_dir = tmp_path_factory.mktemp("drive_run")
@@ -52,7 +52,7 @@ def small_disk(tmp_path):
 def drive_evaluation(drive_root, drive_checkpoint, tmp_path_factory) -> tuple[Path, str]:
     """`retinaseg.eval` of `drive_checkpoint` on DRIVE's 20 test images at threshold 0.5: its run directory and
     the table it printed."""
-    from helpers import compose_config
+    from helpers.configs import compose_config
     from retinaseg.eval import evaluate
 
     directory = tmp_path_factory.mktemp("drive_eval")
@@ -65,7 +65,7 @@ def drive_evaluation(drive_root, drive_checkpoint, tmp_path_factory) -> tuple[Pa
 def drive_evaluation_wandb(drive_root, drive_checkpoint, tmp_path_factory) -> Path:
     """The run directory of `python -m retinaseg.eval` of `drive_checkpoint` at threshold 0.45 with logger=wandb
     (offline), as a user would type it."""
-    from helpers import run_entry_point
+    from helpers.commands import run_entry_point
 
     directory = tmp_path_factory.mktemp("drive_eval_wandb")
     args = [f"ckpt_path={drive_checkpoint}", f"data.root={drive_root}", "threshold=0.45", "plot_images=0"]

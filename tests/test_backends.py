@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import compose_config
+from helpers.configs import compose_config
 from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
 from retinaseg.evaluation.metrics import REPORTED

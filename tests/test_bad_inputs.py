@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TINY, TINY_SYNTHETIC, make_drive, read_split, run_module, write_archive
+from helpers.commands import run_module
+from helpers.configs import TINY, TINY_SYNTHETIC
+from helpers.datasets import make_drive, read_split, write_archive
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data import preprocess
 from retinaseg.data.datamodule import FundusDataModule

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import TINY_SYNTHETIC, compose_config
+from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.benchmark import BACKEND_VARIANTS, REPORTED_FLAGS, benchmark, table
 from retinaseg.core.errors import ConfigError
 

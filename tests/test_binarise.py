@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import compose_config
+from helpers.configs import compose_config
+from helpers.datasets import link_drive
 from retinaseg.compare import describe_binarisation
 from retinaseg.core.errors import ConfigError
 from retinaseg.data.sample import Sample
@@ -100,13 +101,8 @@ def test_training_metrics_score_the_binarised_masks():
 def test_predict_and_eval_write_the_same_masks(drive_root, tmp_path):
     """The packaged model on one DRIVE test photograph, options chosen on the validation images by eval, the same
     numbers given to predict."""
-    root = tmp_path / "DRIVE"
-    (root / "training").mkdir(parents=True)
-    for folder in ("images", "1st_manual", "mask"):
-        (root / "training" / folder).symlink_to(drive_root / "training" / folder)
-        (root / "test" / folder).mkdir(parents=True)
-    for folder, name in (("images", "01_test.tif"), ("mask", "01_test_mask.gif"), ("1st_manual", "01_manual1.gif")):
-        (root / "test" / folder / name).symlink_to(drive_root / "test" / folder / name)
+    root = link_drive(drive_root, tmp_path / "DRIVE", "training", range(21, 41))
+    link_drive(drive_root, root, "test", [1])
     overrides = ["ckpt_path=pretrained:drive", f"data.root={root}", "bootstrap=0", "plot_images=0"]
     metrics = evaluate(compose_config("eval", [*overrides, "hysteresis=val", "min_size=val"], tmp_path / "eval"))
     chosen = metrics["binarisation"]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import TINY_SYNTHETIC, compose_config
+from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.core.errors import ConfigError
 from retinaseg.runs import budget
 from retinaseg.runs.rundir import RunDir

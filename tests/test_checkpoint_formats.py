@@ -10,7 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_SYNTHETIC, compose_config, make_drive, run_entry_point, seed_unet, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.commands import run_entry_point
+from helpers.configs import TINY_SYNTHETIC, compose_config
+from helpers.datasets import make_drive
+from helpers.seed import seed_unet
 from retinaseg.core.errors import DataError
 from retinaseg.eval import evaluate
 from retinaseg.model.checkpoint import load_checkpoint

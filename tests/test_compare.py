@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import compose_config, error_lines, run_entry_point
+from helpers.commands import error_lines, run_entry_point
+from helpers.configs import compose_config
 from retinaseg.compare import compare
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sources.synthetic import synthetic_samples

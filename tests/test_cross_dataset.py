@@ -11,30 +11,22 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import STARE_LABELLED, compose_config, make_chase, make_stare, read_split, run_entry_point
+from helpers.commands import run_entry_point
+from helpers.configs import compose_config
+from helpers.datasets import link_drive, make_chase, make_stare, read_split
 from retinaseg.data.preprocess import estimate_fov
+from retinaseg.data.sources.stare import LABELLED as STARE_LABELLED
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.eval import evaluate
 from retinaseg.model.checkpoint import load_checkpoint
-
-NUMBERS = ("01", "02", "03", "04")
 
 
 @pytest.fixture
 def drive_subset(drive_root, tmp_path):
     """A DRIVE folder holding test images 01-04 (links to the real files)."""
-    root = tmp_path / "DRIVE"
-    for folder, pattern in (
-        ("images", "{}_test.tif"),
-        ("1st_manual", "{}_manual1.gif"),
-        ("2nd_manual", "{}_manual2.gif"),
-        ("mask", "{}_test_mask.gif"),
-    ):
-        (root / "test" / folder).mkdir(parents=True)
-        for number in NUMBERS:
-            name = pattern.format(number)
-            (root / "test" / folder / name).symlink_to(drive_root / "test" / folder / name)
-    return root
+    return link_drive(
+        drive_root, tmp_path / "DRIVE", "test", range(1, 5), ("images", "1st_manual", "2nd_manual", "mask")
+    )
 
 
 def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:

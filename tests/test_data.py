@@ -1,11 +1,10 @@
-import shutil
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import read_split
+from helpers.datasets import link_drive, read_split
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.datamodule import EpochSampler, FundusDataModule, PatchDataset
 from retinaseg.data.preprocess import Preprocessing, equalize_contrast
@@ -37,21 +36,8 @@ def test_palette_second_observer_reads_as_binary_and_matches_the_human_reference
     assert (first == second).mean() == pytest.approx(0.9473, abs=5e-5)
 
 
-def copy_subset(drive_root, dest, numbers=(21, 22), split="training"):
-    for folder, pattern in (
-        ("images", "{n}_training.tif"),
-        ("1st_manual", "{n}_manual1.gif"),
-        ("mask", "{n}_training_mask.gif"),
-    ):
-        (dest / split / folder).mkdir(parents=True, exist_ok=True)
-        for n in numbers:
-            name = pattern.format(n=n)
-            shutil.copy(drive_root / split / folder / name, dest / split / folder / name)
-
-
 def test_folder_and_zip_read_the_same(drive_root, tmp_path):
-    folder = tmp_path / "DRIVE"
-    copy_subset(drive_root, folder)
+    folder = link_drive(drive_root, tmp_path / "DRIVE", "training", (21, 22))
     archive = tmp_path / "DRIVE.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted(folder.rglob("*")):
@@ -69,7 +55,7 @@ def test_missing_dataset_says_where_it_looked_and_what_to_do(tmp_path):
 
 
 def test_image_without_label_is_named(drive_root, tmp_path):
-    copy_subset(drive_root, tmp_path)
+    link_drive(drive_root, tmp_path, "training", (21, 22))
     (tmp_path / "training" / "1st_manual" / "22_manual1.gif").unlink()
     with pytest.raises(DataError, match="22_training.tif has no 1st_manual"):
         read_split("drive", tmp_path, "train")

@@ -10,7 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from helpers import TINY_SYNTHETIC, run_module
+from helpers.commands import run_module
+from helpers.configs import TINY_SYNTHETIC
 from retinaseg.evaluation.metrics import REPORTED, ImageCounts, reported
 from retinaseg.model.module import VesselSegmentationModule
 

@@ -2,9 +2,6 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,11 @@ from skimage import measure
 from skimage.morphology import skeletonize
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import TINY_SYNTHETIC, compose_config, read_split, wandb_runs, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.commands import run_entry_point
+from helpers.configs import TINY_SYNTHETIC, compose_config
+from helpers.datasets import link_drive, read_split
+from helpers.wandb_records import wandb_runs
 from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
 from retinaseg.evaluation import protocols
@@ -152,13 +153,10 @@ def test_eval_logs_topology_intervals_and_counts_to_wandb(drive_evaluation_wandb
 
 def drive_with_inverted_test_labels(drive_root, dest):
     """A DRIVE folder with the real training split and two test images whose labels are inverted."""
-    (dest / "training").mkdir(parents=True)
-    for folder in ("images", "1st_manual", "mask"):
-        (dest / "training" / folder).symlink_to(drive_root / "training" / folder)
-        (dest / "test" / folder).mkdir(parents=True)
+    link_drive(drive_root, dest, "training", range(21, 41))
+    link_drive(drive_root, dest, "test", (1, 2), ("images", "mask"))
+    (dest / "test" / "1st_manual").mkdir()
     for number in ("01", "02"):
-        for folder, name in (("images", f"{number}_test.tif"), ("mask", f"{number}_test_mask.gif")):
-            (dest / "test" / folder / name).symlink_to(drive_root / "test" / folder / name)
         label = np.array(Image.open(drive_root / "test" / "1st_manual" / f"{number}_manual1.gif").convert("L"))
         Image.fromarray(255 - label).save(dest / "test" / "1st_manual" / f"{number}_manual1.png")
     return dest
@@ -199,14 +197,7 @@ def test_threshold_val_is_chosen_on_validation_images_only(drive_root, drive_che
 def test_eval_entry_point_reports_a_bad_checkpoint_in_one_line(tmp_path):
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("not a checkpoint\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "retinaseg.eval", f"ckpt_path={not_a_checkpoint}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=os.environ,
-    )
+    result = run_entry_point("eval", [f"ckpt_path={not_a_checkpoint}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode == 2
     assert "is not a PyTorch file" in result.stderr and "Traceback" not in result.stderr + result.stdout
 

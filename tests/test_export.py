@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_SYNTHETIC, compose_config, run_entry_point, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.commands import run_entry_point
+from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.core.errors import ConfigError
 from retinaseg.export import description, export
 from retinaseg.inference.backends import compiled_for_cpu

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from helpers import compose_config, run_entry_point
+from helpers.commands import run_entry_point
+from helpers.configs import compose_config
 from retinaseg.compare import compare_with_literature
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sample import Sample

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import seed_unet
+from helpers.seed import seed_unet
 from retinaseg.model.unet import UNet, rename_legacy_keys
 
 

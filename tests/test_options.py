@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import TINY_SYNTHETIC, compose_config
+from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.core.errors import ConfigError
 from retinaseg.core.machine import compile_gains, fastest_precision
 from retinaseg.model.checkpoint import load_checkpoint

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_SYNTHETIC, compose_config
+from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.evaluation import plots
 from retinaseg.train import train
 

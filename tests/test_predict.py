@@ -2,9 +2,6 @@
 
 import csv
 import logging
-import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -12,7 +9,10 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from helpers import TINY_SYNTHETIC, compose_config, encode, read_split, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.commands import run_entry_point
+from helpers.configs import TINY_SYNTHETIC, compose_config
+from helpers.datasets import encode, read_split
 from retinaseg.core.errors import DataError
 from retinaseg.data.preprocess import equalize_contrast, estimate_fov, normalize, read_mask, read_photograph
 from retinaseg.data.sources.synthetic import synthetic_samples
@@ -57,23 +57,9 @@ def read(path) -> np.ndarray:
 def test_predict_entry_point_on_a_folder_of_formats(drive_checkpoint, photo_folder, test_samples, tmp_path):
     folder, _ = photo_folder
     out = tmp_path / "out"
-    result = subprocess.run(
-        # threshold=0: every FOV pixel is vessel, so the masks show the FOV (the tiny model's vessels are faint).
-        [
-            sys.executable,
-            "-m",
-            "retinaseg.predict",
-            f"ckpt_path={drive_checkpoint}",
-            f"input={folder}",
-            f"output_dir={out}",
-            "threshold=0",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=os.environ,
-    )
+    # threshold=0: every FOV pixel is vessel, so the masks show the FOV (the tiny model's vessels are faint).
+    args = [f"ckpt_path={drive_checkpoint}", f"input={folder}", f"output_dir={out}", "threshold=0"]
+    result = run_entry_point("predict", args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "predict.log").read_text()
     assert "notes.txt" in log and "grayscale" in log and "alpha" in log and "16-bit" in log

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_SYNTHETIC, compose_config, error_lines, run_entry_point, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.commands import error_lines, run_entry_point
+from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.inference.quality import Range, References, assess

@@ -20,7 +20,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from helpers import TINY_SYNTHETIC, compose_config, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.core.errors import ConfigError, DataError, DiskFullError, DivergedError
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.model.module import VesselSegmentationModule

@@ -14,7 +14,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers import CONF, TINY_SYNTHETIC, compose_config, error_lines, run_entry_point, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.commands import error_lines, run_entry_point
+from helpers.configs import CONF, TINY_SYNTHETIC, compose_config
 from retinaseg.core import config
 from retinaseg.core.errors import ConfigError
 from retinaseg.data.sources.synthetic import synthetic_samples

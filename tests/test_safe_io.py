@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_SYNTHETIC, compose_config, fill_disk, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.configs import TINY_SYNTHETIC, compose_config
+from helpers.disk import fill_disk
 from retinaseg.core.errors import ConfigError, DiskFullError
 from retinaseg.core.safe_io import write_atomically
 from retinaseg.data.sources.synthetic import synthetic_samples

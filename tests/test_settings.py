@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_SYNTHETIC, compose_config, error_lines, run_entry_point, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.commands import error_lines, run_entry_point
+from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.benchmark import benchmark
 from retinaseg.core.errors import exit_on_user_error
 from retinaseg.data.sources.synthetic import synthetic_samples

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from helpers import (
-    CONF,
-    TINY,
+from helpers.commands import run_module
+from helpers.configs import CONF, TINY
+from helpers.datasets import (
     chase_names,
     encode,
     make_chase,
@@ -24,7 +24,6 @@ from helpers import (
     make_stare,
     mask_file,
     read_split,
-    run_module,
     write_archive,
 )
 from retinaseg.core.errors import DataError

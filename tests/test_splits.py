@@ -8,7 +8,9 @@ import torch
 from hydra.errors import InstantiationException
 from sklearn.metrics import f1_score, roc_auc_score
 
-from helpers import TINY_SYNTHETIC, compose_config, encode, make_drive, write_checkpoint
+from helpers.checkpoints import write_checkpoint
+from helpers.configs import TINY_SYNTHETIC, compose_config
+from helpers.datasets import encode, make_drive
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.datamodule import FundusDataModule, PatchDataset, WholeImageDataset
 from retinaseg.data.preprocess import Preprocessing, read_mask, resize_mask

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from helpers import compose_config
+from helpers.configs import compose_config
 from retinaseg.compare import compare
 from retinaseg.core.errors import ConfigError
 from retinaseg.data.sources.synthetic import synthetic_samples

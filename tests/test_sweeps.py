@@ -10,7 +10,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from helpers import CONF, TINY_SYNTHETIC, run_module, wandb_runs
+from helpers.commands import run_module
+from helpers.configs import CONF, TINY_SYNTHETIC
+from helpers.wandb_records import wandb_runs
 from retinaseg.data.sources.synthetic import SyntheticCatalogue
 from retinaseg.evaluation.metrics import REPORTED, ImageCounts
 from retinaseg.runs.rundir import RunDir

@@ -20,7 +20,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
-from helpers import CONF, TINY_SYNTHETIC, compose_config, run_entry_point, run_module, wandb_runs
+from helpers.commands import run_entry_point, run_module
+from helpers.configs import CONF, TINY_SYNTHETIC, compose_config
+from helpers.wandb_records import wandb_runs
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.model.checkpoint import load_checkpoint
 from retinaseg.model.module import VesselSegmentationModule

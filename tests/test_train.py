@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from helpers import TINY, TINY_SYNTHETIC, compose_config, error_lines, run_module
+from helpers.commands import error_lines, run_module
+from helpers.configs import TINY, TINY_SYNTHETIC, compose_config
 from retinaseg.evaluation.metrics import REPORTED
 from retinaseg.train import train
 
