@@ -212,7 +212,7 @@ def test_an_unreadable_photograph_in_a_folder_is_skipped_and_listed(tmp_path, ca
         overrides = [f"ckpt_path={ckpt}", f"input={folder}", f"output_dir={out}"]
         return predict(compose_config("predict", overrides, tmp_path / "run"))
 
-    with caplog.at_level(logging.WARNING, logger="retinaseg.predict"):
+    with caplog.at_level(logging.WARNING, logger="retinaseg.inference.photographs"):
         assert run(tmp_path / "out") == [tmp_path / "out" / "good_mask.png"]
     assert any(r.getMessage().startswith("skipping broken.png: cannot read") for r in caplog.records)
     with open(tmp_path / "out" / "predictions.csv", newline="") as file:
