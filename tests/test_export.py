@@ -14,8 +14,9 @@ from helpers.checkpoints import write_checkpoint
 from helpers.commands import run_entry_point
 from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.core.errors import ConfigError
-from retinaseg.export import description, export
+from retinaseg.export import export
 from retinaseg.inference.backends import compiled_for_cpu
+from retinaseg.inference.onnx import description
 from retinaseg.model.checkpoint import load_checkpoint
 from retinaseg.model.unet import UNet
 
@@ -64,7 +65,13 @@ def test_the_json_holds_a_checkpoints_own_preprocessing(tmp_path):
     # A checkpoint as a run saves it (not trained: only its recorded settings are read), with its own preprocessing.
     cfg = compose_config("train", TINY_SYNTHETIC + ["data.clahe=true", "data.mean=[0.1,0.2,0.3]"], tmp_path)
     checkpoint = load_checkpoint(write_checkpoint(tmp_path / "model.ckpt", cfg))
-    about = description(checkpoint, checkpoint.predictor(torch.device("cpu")), Path("model.onnx"), "probabilities")
+    about = description(
+        checkpoint.predictor(torch.device("cpu")),
+        checkpoint.hyper_parameters,
+        checkpoint.path,
+        Path("model.onnx"),
+        "probabilities",
+    )
     data = checkpoint.data
     assert about["preprocessing"]["mean"] == list(data["mean"]) and about["preprocessing"]["std"] == list(data["std"])
     assert about["preprocessing"]["clahe"] == data["clahe"] and about["network"]["base_channels"] == 4
