@@ -24,14 +24,9 @@ from helpers import CONF, TINY_SYNTHETIC, compose_config, run_entry_point, run_m
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.model.checkpoint import load_checkpoint
 from retinaseg.model.module import VesselSegmentationModule
-from retinaseg.tracking.wandb import (
-    flat_numbers,
-    flat_params,
-    hydra_identity,
-    run_name,
-    sweep_group,
-    use_training_artifact,
-)
+from retinaseg.tracking.identity import flat_params, hydra_identity, run_name, sweep_group
+from retinaseg.tracking.reports import flat_numbers
+from retinaseg.tracking.wandb import use_training_artifact
 
 OFFLINE = {"WANDB_MODE": "offline"}
 RUN = TINY_SYNTHETIC + [
