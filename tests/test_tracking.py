@@ -36,7 +36,7 @@ RUN = TINY_SYNTHETIC + [
     "data.patches_per_epoch=64",
     "trainer.max_epochs=2",
     # drive_cpu trains for a 15-minute budget; two epochs here.
-    "trainer.budget=null",
+    "budget=null",
 ]
 # RUN's overrides that say what it is, shortened, after its experiment (data.patches_per_epoch and
 # trainer.max_epochs are given twice: the last value counts, in the place of the first).
