@@ -157,7 +157,7 @@ class WandbSummary(L.Callback):
 
 class KeepWandbRun(L.Callback):
     """Stores the id and group of the run's W&B run in every checkpoint: a training continued from one logs to the
-    same W&B run (retinaseg.runs.resume reads it back), an evaluation joins its group (retinaseg.eval). Does
+    same W&B run (`start_tracking` of retinaseg.tracking.wandb), an evaluation joins its group (retinaseg.eval). Does
     nothing without a W&B logger."""
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
