@@ -33,7 +33,8 @@ from retinaseg.inference.settings import MODES, InferenceSettings
 from retinaseg.model.losses import SegmentationLoss
 from retinaseg.model.unet import UNet
 from retinaseg.runs.budget import StepTimer, timing_trainer
-from retinaseg.tracking.wandb import finishing_wandb_run, log_benchmark
+from retinaseg.tracking.reports import log_benchmark
+from retinaseg.tracking.wandb import finishing_wandb_run
 
 config.setup()
 log = logging.getLogger(__name__)

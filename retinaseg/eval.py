@@ -28,7 +28,8 @@ from retinaseg.inference.binarise import Binarisation, binarise
 from retinaseg.inference.predictor import Predictor
 from retinaseg.model.checkpoint import data_settings, load_checkpoint, resolve_device
 from retinaseg.runs.sweeps import in_multirun
-from retinaseg.tracking import wandb as tracking
+from retinaseg.tracking.reports import log_evaluation
+from retinaseg.tracking.wandb import finishing_wandb_run
 
 config.setup()
 log = logging.getLogger(__name__)
@@ -325,9 +326,7 @@ def evaluate(cfg: DictConfig) -> dict:
     write_metrics(output_dir, metrics)
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
-    tracking.log_evaluation(
-        loggers, metrics, scores.rows, figures, samples[: cfg.plot_images], probs, checkpoint, predictor.net
-    )
+    log_evaluation(loggers, metrics, scores.rows, figures, samples[: cfg.plot_images], probs, checkpoint, predictor.net)
     print(table(metrics))
     log.info("evaluation of %s written to %s", metrics["checkpoint"], output_dir)
     return metrics
@@ -336,7 +335,7 @@ def evaluate(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     # In a sweep a failing job is left to Hydra, which records it and goes on (retinaseg.runs.sweeps reports it).
-    with contextlib.nullcontext() if in_multirun() else exit_on_user_error(), tracking.finishing_wandb_run():
+    with contextlib.nullcontext() if in_multirun() else exit_on_user_error(), finishing_wandb_run():
         evaluate(cfg)
 
 

@@ -19,9 +19,9 @@ import yaml
 from omegaconf import DictConfig
 
 from retinaseg.core.errors import ConfigError, DataError, check_choice, exit_on_user_error
+from retinaseg.core.machine import device_description, git_commit
 from retinaseg.core.safe_io import write_text
 from retinaseg.evaluation.metrics import DISPLAY
-from retinaseg.tracking import wandb as tracking
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,9 @@ def record_of(cfg: DictConfig) -> Record:
         role=cfg.role,
         date=datetime.date.today().isoformat(),
         command=[command(eval_dir, "eval")],
-        version=cfg.version or tracking.git_commit(),
+        version=cfg.version or git_commit(),
         # A human annotator's scores depend on no machine.
-        machine=cfg.machine or (tracking.device_description(torch.device("cpu")) if cfg.scorer == "model" else "–"),
+        machine=cfg.machine or (device_description(torch.device("cpu")) if cfg.scorer == "model" else "–"),
         dataset=metrics["dataset"],
         split=metrics["split"],
         n_images=metrics["n_images"],

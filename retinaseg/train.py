@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sys
 import time
 
 import hydra
@@ -19,7 +20,7 @@ from retinaseg.core.errors import ConfigError, check_bool, check_int, exit_on_us
 from retinaseg.core.safe_io import write_text
 from retinaseg.data.sample import fov_source
 from retinaseg.evaluation.metrics import reported
-from retinaseg.runs.budget import budget_steps
+from retinaseg.runs.budget import budget_steps, refuse_trainer_budget
 from retinaseg.runs.callbacks import RecordSteps, exit_on_sigterm
 from retinaseg.runs.resume import plan_start
 from retinaseg.runs.rundir import RunDir
@@ -41,7 +42,6 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         )
     callbacks, loggers = config.instantiate_group(cfg.get("callbacks")), config.instantiate_group(cfg.get("logger"))
     settings = OmegaConf.to_container(cfg.trainer, resolve=True)
-    settings.pop("budget", None)  # ours (retinaseg.runs.budget), not the Trainer's
     try:
         return hydra.utils.instantiate(settings, callbacks=callbacks, logger=loggers)
     except InstantiationException as error:
@@ -86,14 +86,14 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(seed, workers=True)
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     lift_time_stop(cfg)
-    if cfg.trainer.get("budget") is not None:
+    if cfg.get("budget") is not None:
         # A budgeted run is counted in optimizer steps; its config (and so the loggers) then holds the steps.
         cfg.trainer.max_steps = budget_steps(cfg, model, datamodule, start.ckpt_path, run_dir, started)
         cfg.trainer.max_epochs = -1
     trainer = build_trainer(cfg)
     parameters = sum(p.numel() for p in model.parameters())
     log.info("U-Net with %s parameters; run directory %s", f"{parameters:,}", run_dir.path)
-    start_tracking(trainer.loggers, cfg, parameters, start.wandb_run_id)
+    start_tracking(trainer.loggers, cfg, parameters, start.checkpoint)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=start.ckpt_path)
     steps = next((c.record for c in trainer.callbacks if isinstance(c, RecordSteps)), None)
@@ -148,4 +148,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    with exit_on_user_error():
+        refuse_trainer_budget(sys.argv[1:])
     main()

@@ -1,4 +1,4 @@
-"""trainer.budget: a calibration fixes the optimizer steps, which are recorded, honoured, and rerun exactly."""
+"""budget: a calibration fixes the optimizer steps, which are recorded, honoured, and rerun exactly."""
 
 import json
 import math
@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers.commands import error_lines, run_entry_point
 from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.core.errors import ConfigError
 from retinaseg.runs import budget
@@ -23,8 +24,26 @@ def test_durations(duration, expected):
 
 @pytest.mark.parametrize("duration", ["fifteen minutes", "1:2:3:4:5", 0, "-00:01:00", True])
 def test_bad_durations_are_refused(duration):
-    with pytest.raises(ConfigError, match="trainer.budget"):
+    with pytest.raises(ConfigError, match="budget"):
         budget.seconds(duration)
+
+
+def test_trainer_budget_names_the_top_level_key_that_replaced_it():
+    with pytest.raises(ConfigError) as refused:
+        budget.refuse_trainer_budget(["experiment=drive_cpu", "trainer.budget=00:00:15:00"])
+    assert str(refused.value) == "trainer.budget is now the top-level key budget: pass budget=00:00:15:00"
+    with pytest.raises(ConfigError, match="pass budget="):
+        budget.refuse_trainer_budget(["+trainer.budget=60"])
+    budget.refuse_trainer_budget(["budget=00:00:15:00", "trainer.max_steps=5"])
+
+
+@pytest.mark.slow
+def test_trainer_budget_on_the_command_line_is_one_error_line(tmp_path):
+    result = run_entry_point("train", ["trainer.budget=60", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = error_lines(result.stderr)
+    assert "trainer.budget is now the top-level key budget: pass budget=60" in line
+    assert not (tmp_path / "run").exists()
 
 
 CALIBRATION = budget.Calibration(
@@ -53,7 +72,7 @@ def test_a_continued_run_keeps_its_recorded_steps(tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     (first / "budget.json").write_text(json.dumps({"max_steps": 123}))
-    cfg = compose_config("train", TINY_SYNTHETIC + ["trainer.budget=00:00:15:00"], second)
+    cfg = compose_config("train", TINY_SYNTHETIC + ["budget=00:00:15:00"], second)
     steps = budget.budget_steps(cfg, None, None, str(first / "checkpoints" / "last.ckpt"), RunDir(second), 0.0)
     assert steps == 123
     record = json.loads((second / "budget.json").read_text())
@@ -65,7 +84,7 @@ def test_a_continued_run_keeps_its_recorded_steps(tmp_path, monkeypatch):
 
 
 def test_a_budget_is_for_one_process(tmp_path):
-    cfg = compose_config("train", TINY_SYNTHETIC + ["trainer.budget=60", "trainer.devices=2"], tmp_path)
+    cfg = compose_config("train", TINY_SYNTHETIC + ["budget=60", "trainer.devices=2"], tmp_path)
     with pytest.raises(ConfigError, match="single-process"):
         budget.budget_steps(cfg, None, None, None, RunDir(tmp_path), 0.0)
 
@@ -76,7 +95,7 @@ def test_budgeted_steps_are_recorded_honoured_and_rerun_exactly(tmp_path, monkey
     # test does not depend on this machine's speed.
     monkeypatch.setattr(budget, "CALIBRATION_SECONDS", 0.0)
     monkeypatch.setattr(budget, "plan", lambda budget_s, c, steps: budget.Plan(budget_s, 3 * steps, 3, steps, 0.0, c))
-    overrides = TINY_SYNTHETIC + ["model.scheduler=cosine", "trainer.budget=00:00:10:00"]
+    overrides = TINY_SYNTHETIC + ["model.scheduler=cosine", "budget=00:00:10:00"]
 
     train(compose_config("train", overrides, tmp_path / "budget"))
     record = json.loads((tmp_path / "budget" / "budget.json").read_text())
@@ -102,7 +121,7 @@ def test_budgeted_steps_are_recorded_honoured_and_rerun_exactly(tmp_path, monkey
 def test_max_steps_lifts_the_experiments_time_stop(tmp_path):
     from retinaseg.train import lift_time_stop
 
-    given = compose_config("train", ["experiment=drive_cpu", "trainer.budget=null", "trainer.max_steps=640"], tmp_path)
+    given = compose_config("train", ["experiment=drive_cpu", "budget=null", "trainer.max_steps=640"], tmp_path)
     lift_time_stop(given)
     assert given.trainer.max_time is None and given.trainer.max_steps == 640
     budgeted = compose_config("train", ["experiment=drive_cpu"], tmp_path)

@@ -26,14 +26,9 @@ from helpers.wandb_records import wandb_runs
 from retinaseg.data.datamodule import FundusDataModule
 from retinaseg.model.checkpoint import load_checkpoint
 from retinaseg.model.module import VesselSegmentationModule
-from retinaseg.tracking.wandb import (
-    flat_numbers,
-    flat_params,
-    hydra_identity,
-    run_name,
-    sweep_group,
-    use_training_artifact,
-)
+from retinaseg.tracking.identity import flat_params, hydra_identity, run_name, sweep_group
+from retinaseg.tracking.reports import flat_numbers
+from retinaseg.tracking.wandb import use_training_artifact
 
 OFFLINE = {"WANDB_MODE": "offline"}
 RUN = TINY_SYNTHETIC + [
@@ -43,7 +38,7 @@ RUN = TINY_SYNTHETIC + [
     "data.patches_per_epoch=64",
     "trainer.max_epochs=2",
     # drive_cpu trains for a 15-minute budget; two epochs here.
-    "trainer.budget=null",
+    "budget=null",
 ]
 # RUN's overrides that say what it is, shortened, after its experiment (data.patches_per_epoch and
 # trainer.max_epochs are given twice: the last value counts, in the place of the first).

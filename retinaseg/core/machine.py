@@ -1,7 +1,11 @@
-"""Facts of this machine: its CPU's flags, the fastest mixed precision it runs well (`trainer.precision:
-${fastest_precision:}`, registered by retinaseg.core.config), whether compiling pays, the memory free for inference."""
+"""Facts about the machine and the code a run ran on: the CPU's model and flags, the fastest mixed precision the
+hardware runs well (for `trainer.precision: ${fastest_precision:}`, the resolver registered by
+retinaseg.core.config), the memory free for inference, a device's description and the git commit, as runs report
+them."""
 
+import functools
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -35,6 +39,37 @@ def compile_gains(device: torch.device) -> bool:
     not on CPUs, where drive_cpu's compiled step ran at 0.44x-0.92x of the eager one on a shared 2-core AVX-512
     BF16 CPU, before the compile time (docs/speed.md)."""
     return device.type == "cuda"
+
+
+def device_description(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model with the vector extensions that decide its speed and its thread count
+    (`AMD EPYC 9R14 (avx2 avx512f avx512_bf16), 2 threads`)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model, flags = cpu_info()
+    vector = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{model or torch.backends.cpu.get_cpu_capability()} ({' '.join(vector) or 'no avx2'}), {torch.get_num_threads()} threads"
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout this code runs from, or None outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def run_facts(model: torch.nn.Module, device: torch.device) -> dict:
+    """What a run's summary says about the model and machine: parameter count, device, git commit."""
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": device_description(device),
+        "git_commit": git_commit(),
+    }
 
 
 def available_memory(device: torch.device) -> int:

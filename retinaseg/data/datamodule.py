@@ -74,7 +74,6 @@ class PatchDataset(Dataset):
         length: int = 1,
         crop: str = "fov",
     ):
-        check_choice("data.crop", crop, CROPS)
         self.patch_size, self.crop = patch_size, crop
         # Augmenting a larger crop and cutting the centre keeps rotation corners free of padding.
         self.context = math.ceil(patch_size * 1.5) if augment else patch_size
@@ -235,15 +234,13 @@ class FundusDataModule(L.LightningDataModule):
         synthetic_size: Sequence[int] = (584, 565),
     ):
         super().__init__()
-        # Checked here, where the settings are read, so a bad one is named before any image is read.
+        # Checked here, where the settings are read, so a bad one is named before any image is read; data.scale
+        # by Preprocessing, data.folds and data.fold by the split (retinaseg.data.splits.kfold), when the images
+        # are listed.
         check_choice("data.dataset", dataset, sources.DATASETS)
         if root is not None and not isinstance(root, str):
             raise ConfigError(f"data.root must be a path; got {root!r}")
-        check_number("data.scale", scale, 0, include_minimum=False)
-        if folds is not None:
-            check_int("data.folds", folds, 2)
-            check_int("data.fold", 0 if fold is None else fold, 0, folds - 1)
-        elif fold is not None:
+        if folds is None and fold is not None:
             # Without folds the official split is used whatever the fold: `-m 'data.fold=range(5)'` alone would
             # train the same run five times.
             raise ConfigError(

@@ -42,7 +42,7 @@ def split_ids(catalogue, part: str, folds: int | None, fold: int, val_images: in
     check_choice("split", part, PARTS)
     if part == "all":
         return catalogue.ids("all")
-    if folds:
+    if folds is not None:
         train, test = kfold(catalogue.ids("all"), folds, fold, seed)
     else:
         train, test = (None, catalogue.ids("test")) if part == "test" else (catalogue.ids("train"), None)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MARKER_KEY = "net.e1.conv_block.conv1.weight"
 # The original notebook's preprocessing: RGB scaled to [0, 1], no standardisation, no CLAHE.
 ORIGINAL_DATA = {"dataset": "drive", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "clahe": False, "scale": 1.0}
-# Where a training checkpoint keeps the id and group of the W&B run that wrote it (retinaseg.runs.callbacks.KeepWandbRun):
+# Where a training checkpoint keeps the id and group of the W&B run that wrote it (retinaseg.tracking.callbacks.KeepWandbRun):
 # a resumed training continues that run, an evaluation joins its group.
 WANDB_RUN_ID_KEY = "wandb_run_id"
 WANDB_GROUP_KEY = "wandb_group"

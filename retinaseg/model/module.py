@@ -154,7 +154,7 @@ class VesselSegmentationModule(L.LightningModule):
             steps = self.trainer.estimated_stepping_batches
             if not math.isfinite(steps):
                 raise ConfigError(
-                    "model.scheduler=cosine needs the length of training: set trainer.max_steps, trainer.max_epochs or trainer.budget."
+                    "model.scheduler=cosine needs the length of training: set trainer.max_steps, trainer.max_epochs or budget."
                 )
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(steps)))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,4 +1,4 @@
-"""A wall-time budget for training (`trainer.budget`): measure this machine, then train for the steps that fit.
+"""A wall-time budget for training (`budget`, a top-level setting): measure this machine, then train for the steps that fit.
 
 At the start of a run, a throwaway copy of the model takes a few real training steps (timed after a warm-up),
 one validation pass and one checkpoint save on this machine. From these, `plan` fixes the number of optimizer
@@ -17,6 +17,7 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +55,15 @@ STEP_SETTINGS = (
 )
 
 
+def refuse_trainer_budget(overrides: Sequence[str]) -> None:
+    """Refuse `trainer.budget=...` among the command line's `overrides`, naming the key that replaced it: the
+    budget is not a Trainer argument, and Hydra alone would only say that the trainer group has no such key."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "trainer.budget":
+            raise ConfigError(f"trainer.budget is now the top-level key budget: pass budget={value or '<duration>'}")
+
+
 def seconds(duration) -> float:
     """A duration as trainer.max_time writes it ("DD:HH:MM:SS"; shorter forms "HH:MM:SS", "MM:SS" too), or
     a number of seconds, in seconds."""
@@ -66,11 +76,11 @@ def seconds(duration) -> float:
             fields = []
         if not 1 <= len(fields) <= 4 or any(not field >= 0 for field in fields) or str(duration).startswith("-"):
             raise ConfigError(
-                f"trainer.budget={duration!r} is not a duration: write DD:HH:MM:SS (e.g. 00:00:15:00) or seconds."
+                f"budget={duration!r} is not a duration: write DD:HH:MM:SS (e.g. 00:00:15:00) or seconds."
             )
         value = sum(field * unit for field, unit in zip(reversed(fields), (1, 60, 3600, 86400)))
     if not value > 0:
-        raise ConfigError(f"trainer.budget={duration!r} must be a positive duration.")
+        raise ConfigError(f"budget={duration!r} must be a positive duration.")
     return value
 
 
@@ -110,9 +120,9 @@ def plan(budget_s: float, calibration: Calibration, steps_per_epoch: int) -> Pla
     epochs = math.floor((budget_s * (1 - MARGIN) - fixed) / per_epoch)
     if epochs < 1:
         raise ConfigError(
-            f"trainer.budget of {budget_s:.0f} s leaves no time for one epoch on this machine: setup and calibration "
+            f"budget of {budget_s:.0f} s leaves no time for one epoch on this machine: setup and calibration "
             f"took {c.elapsed_s:.0f} s, an epoch takes {per_epoch:.3g} s ({steps_per_epoch} steps of {c.step_s:.3g} s, "
-            f"validation {c.validation_s:.3g} s) and the test {c.test_s:.3g} s. Raise trainer.budget, lower "
+            f"validation {c.validation_s:.3g} s) and the test {c.test_s:.3g} s. Raise budget, lower "
             "data.patches_per_epoch, or use a smaller model."
         )
     return Plan(budget_s, epochs * steps_per_epoch, epochs, steps_per_epoch, fixed + epochs * per_epoch, c)
@@ -250,8 +260,8 @@ def recorded_steps(ckpt_path: str) -> tuple[int, Path]:
     record = RunDir(Path(ckpt_path).resolve().parent.parent).budget
     if not record.is_file():
         raise ConfigError(
-            f"trainer.budget is set, but the run of {ckpt_path} recorded no step count ({record} is missing): "
-            "continue it with trainer.max_steps=<its step count>, or without trainer.budget."
+            f"budget is set, but the run of {ckpt_path} recorded no step count ({record} is missing): "
+            "continue it with trainer.max_steps=<its step count>, or without budget."
         )
     return int(json.loads(record.read_text())["max_steps"]), record
 
@@ -264,21 +274,21 @@ def budget_steps(
     run_dir: RunDir,
     started: float,
 ) -> int:
-    """The optimizer steps a run with `cfg.trainer.budget` trains for, recorded in `run_dir`'s budget.json:
+    """The optimizer steps a run with `cfg.budget` trains for, recorded in `run_dir`'s budget.json:
 
     `trainer.max_steps` where it is given (no calibration: how a budgeted run is reproduced); for a run
     continued from `ckpt_path`, the steps its own run recorded; otherwise calibrated on this machine.
     """
     settings = cfg.trainer
-    budget_s = seconds(settings.budget)
+    budget_s = seconds(cfg.budget)
     if settings.get("devices", 1) != 1 or settings.get("num_nodes", 1) != 1:
         raise ConfigError(
-            "trainer.budget calibrates a single-process run; with several devices or nodes set trainer.max_steps instead."
+            "budget calibrates a single-process run; with several devices or nodes set trainer.max_steps instead."
         )
-    record: dict = {"budget": str(settings.budget), "budget_s": budget_s}
+    record: dict = {"budget": str(cfg.budget), "budget_s": budget_s}
     if settings.get("max_steps", -1) > 0:
         steps = int(settings.max_steps)
-        log.info("trainer.max_steps=%d is given: trainer.budget is not calibrated", steps)
+        log.info("trainer.max_steps=%d is given: budget is not calibrated", steps)
         record.update(max_steps=steps, source="trainer.max_steps")
     elif ckpt_path:
         steps, source = recorded_steps(ckpt_path)
@@ -292,10 +302,10 @@ def budget_steps(
         result = plan(budget_s, calibration, steps_per_epoch)
         steps = result.max_steps
         log.info(
-            "trainer.budget %s (%.0f s): a step takes %.3g s, validation %.3g s, the test %.3g s on this machine; "
+            "budget %s (%.0f s): a step takes %.3g s, validation %.3g s, the test %.3g s on this machine; "
             "training for %d epochs of %d steps, trainer.max_steps=%d (expected %.0f s in all). "
             "Rerun it exactly anywhere with trainer.max_steps=%d.",
-            settings.budget,
+            cfg.budget,
             budget_s,
             calibration.step_s,
             calibration.validation_s,

@@ -4,7 +4,6 @@
 - `CheckpointOnSigterm` (with `exit_on_sigterm`): last.ckpt when a scheduler's SIGTERM stops training;
 - `StopOnNonFiniteLoss`: a clear stop at the first NaN, before broken weights are checkpointed;
 - `TrimLogsOnResume`: csv/metrics.csv without the rows a resumed run logs again;
-- `KeepWandbRun`: the W&B run's id and group in every checkpoint (a continued training logs to the same run);
 - `PlotsCallback`: the run's figures;
 - `CountTestImages`: test_counts.npz, what a cross-validation sweep pools (retinaseg.runs.sweeps);
 - `LogProgress`: a progress line in the log where stdout is not a terminal;
@@ -32,7 +31,6 @@ from retinaseg.core.progress import INTERVAL_S, Pace, on_terminal
 from retinaseg.core.safe_io import write_atomically
 from retinaseg.evaluation import plots
 from retinaseg.evaluation.metrics import ImageCounts, count_images
-from retinaseg.model.checkpoint import WANDB_GROUP_KEY, WANDB_RUN_ID_KEY
 from retinaseg.runs.metrics_csv import MetricsCSVLogger
 from retinaseg.runs.rundir import RunDir
 
@@ -164,19 +162,6 @@ class TrimLogsOnResume(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, MetricsCSVLogger):
                 logger.drop_rows_from(checkpoint["global_step"])
-
-
-class KeepWandbRun(L.Callback):
-    """Stores the id and group of the run's W&B run in every checkpoint: a training continued from one logs to the
-    same W&B run (retinaseg.runs.resume reads it back), an evaluation joins its group (retinaseg.eval). Does
-    nothing without a W&B logger."""
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        if logger is not None and logger.version is not None:
-            checkpoint[WANDB_RUN_ID_KEY] = logger.version
-            if trainer.is_global_zero:  # other DDP processes hold no W&B run (and save no file)
-                checkpoint[WANDB_GROUP_KEY] = logger.experiment.group or None
 
 
 class PlotsCallback(L.Callback):

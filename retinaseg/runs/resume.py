@@ -35,10 +35,6 @@ class Start:
         """What `Trainer.fit(ckpt_path=...)` restores (Lightning reads the file again for the loop states)."""
         return None if self.checkpoint is None else str(self.checkpoint.path)
 
-    @property
-    def wandb_run_id(self) -> str | None:
-        return None if self.checkpoint is None else self.checkpoint.wandb_run_id
-
 
 def plan_start(cfg: DictConfig, run_dir: RunDir) -> Start:
     """The start of the training `cfg` describes in `run_dir`; the checkpoint it continues from is read once here."""

@@ -73,7 +73,7 @@ class RunDir:
 
     @property
     def budget(self) -> Path:
-        """With trainer.budget: the calibration and the step count it chose (retinaseg.runs.budget)."""
+        """With budget: the calibration and the step count it chose (retinaseg.runs.budget)."""
         return self.path / "budget.json"
 
     @property

@@ -4,7 +4,6 @@ Every reader's `catalogue(root)` returns a Catalogue (retinaseg.data.sources.fil
 the labelled images of "train", "test" or "all", and whose `read(ids)` yields their Samples.
 """
 
-from retinaseg.core.errors import check_choice
 from retinaseg.data.sources import chase_db1, drive, folder, hrf, stare
 from retinaseg.data.sources.files import Catalogue
 from retinaseg.data.sources.synthetic import SyntheticCatalogue
@@ -14,8 +13,8 @@ DATASETS = (*READERS, "synthetic")
 
 
 def open_dataset(dataset: str, root) -> Catalogue:
-    """The catalogue of a dataset read from a file tree (not `synthetic`, which draws its images)."""
-    check_choice("data.dataset", dataset, READERS)
+    """The catalogue of a dataset read from a file tree (not `synthetic`, which draws its images); `dataset` was
+    checked by the data module, where data.dataset is read."""
     return READERS[dataset].catalogue(root)
 
 
