@@ -3,8 +3,9 @@
 import pytest
 
 from helpers.configs import TINY_SYNTHETIC, compose_config
-from retinaseg.benchmark import BACKEND_VARIANTS, REPORTED_FLAGS, benchmark, table
+from retinaseg.benchmark import benchmark
 from retinaseg.core.errors import ConfigError
+from retinaseg.runs.speed import BACKEND_VARIANTS, REPORTED_FLAGS, table
 
 
 @pytest.mark.slow
