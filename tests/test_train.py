@@ -3,7 +3,7 @@ import json
 import pytest
 
 from helpers import TINY, TINY_SYNTHETIC, compose_config, error_lines, run_module
-from retinaseg.evaluation.metrics import REPORTED
+from retinaseg.evaluation.counts import REPORTED
 from retinaseg.train import train
 
 # Every test here trains.
