@@ -12,7 +12,7 @@ from PIL import Image
 from helpers.configs import compose_config
 from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
-from retinaseg.evaluation.metrics import REPORTED
+from retinaseg.evaluation.counts import REPORTED
 from retinaseg.inference.windows import on_backend, predict_probabilities
 from retinaseg.model.unet import UNet
 from retinaseg.predict import predict

@@ -11,10 +11,10 @@ import torch
 from retinaseg.core.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from retinaseg.core.machine import compile_gains
 from retinaseg.data.preprocess import resize_probabilities
-from retinaseg.evaluation.metrics import FOVMetrics
 from retinaseg.inference.binarise import Binarisation, binarise
 from retinaseg.inference.windows import check_inference, flip_averaged, predict_probabilities
 from retinaseg.model.losses import LOSSES, SegmentationLoss
+from retinaseg.model.metrics import FOVMetrics
 from retinaseg.model.unet import UNet, rename_legacy_keys
 
 log = logging.getLogger(__name__)
