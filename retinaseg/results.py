@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from retinaseg.core.errors import ConfigError, DataError, check_choice, exit_on_user_error
 from retinaseg.core.machine import device_description, git_commit
 from retinaseg.core.safe_io import write_text
-from retinaseg.evaluation.metrics import DISPLAY
+from retinaseg.evaluation.counts import DISPLAY
 
 log = logging.getLogger(__name__)
 

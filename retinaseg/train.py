@@ -19,7 +19,7 @@ from retinaseg.core import config
 from retinaseg.core.errors import ConfigError, check_bool, check_int, exit_on_user_error, user_error_of
 from retinaseg.core.safe_io import write_text
 from retinaseg.data.sample import fov_source
-from retinaseg.evaluation.metrics import reported
+from retinaseg.model.metrics import reported
 from retinaseg.runs.budget import budget_steps, refuse_trainer_budget
 from retinaseg.runs.callbacks import RecordSteps, exit_on_sigterm
 from retinaseg.runs.resume import plan_start

@@ -12,7 +12,7 @@ from PIL import Image
 from helpers.configs import compose_config
 from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
-from retinaseg.evaluation.metrics import REPORTED
+from retinaseg.evaluation.counts import REPORTED
 from retinaseg.inference.backends import on_backend
 from retinaseg.inference.settings import InferenceSettings
 from retinaseg.inference.windows import predict_probabilities

@@ -10,12 +10,15 @@ from PIL import Image
 
 from helpers.configs import compose_config
 from helpers.datasets import link_drive
-from retinaseg.compare import describe_binarisation
 from retinaseg.core.errors import ConfigError
 from retinaseg.data.sample import Sample
-from retinaseg.eval import best_binarisation, evaluate
-from retinaseg.evaluation.metrics import FOVMetrics, count_images
+from retinaseg.eval import evaluate
+from retinaseg.evaluation.comparison import describe_binarisation
+from retinaseg.evaluation.directory import EvaluationSettings
+from retinaseg.evaluation.scoring import count_images
+from retinaseg.evaluation.thresholds import best_binarisation
 from retinaseg.inference.binarise import Binarisation, binarise
+from retinaseg.model.metrics import FOVMetrics
 from retinaseg.model.module import VesselSegmentationModule
 from retinaseg.predict import predict
 
@@ -130,8 +133,10 @@ def test_predict_and_eval_write_the_same_masks(drive_root, tmp_path):
     assert not np.array_equal(evaluated > 0, (probs > 0.5) & fov)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["binarisation"] == chosen
     # retinaseg.compare says how two evaluations binarised.
-    assert describe_binarisation(metrics).endswith("; hysteresis and min_size chosen by validation F1")
-    assert describe_binarisation({"threshold": 0.5}) == "off"
+    assert describe_binarisation(EvaluationSettings.from_json(metrics)).endswith(
+        "; hysteresis and min_size chosen by validation F1"
+    )
+    assert describe_binarisation(EvaluationSettings(0.5, "fixed")) == "off"
 
 
 def test_the_module_binarises_its_batches_as_eval_does():

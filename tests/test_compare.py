@@ -14,8 +14,9 @@ from helpers.configs import compose_config
 from retinaseg.compare import compare
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.eval import write_metrics, write_outputs
-from retinaseg.evaluation.metrics import HEADLINE, Histograms, ImageCounts, score
+from retinaseg.evaluation.counts import HEADLINE, Histograms
+from retinaseg.evaluation.directory import EvaluationDirectory, EvaluationSettings
+from retinaseg.evaluation.scoring import ImageCounts, score
 
 
 def write_evaluation(directory, quality: float, threshold: float = 0.5, threshold_from: str = "fixed", n: int = 8):
@@ -38,9 +39,9 @@ def write_evaluation(directory, quality: float, threshold: float = 0.5, threshol
         200,
         0,
     )
-    scores.metrics.update(threshold=threshold, threshold_from=threshold_from, split="test", n_images=n)
-    write_outputs(directory, scores, probs, samples)
-    write_metrics(directory, scores.metrics)
+    settings = EvaluationSettings(threshold=threshold, threshold_from=threshold_from, split="test", n_images=n)
+    EvaluationDirectory(directory).write_scores(scores, probs, samples)
+    EvaluationDirectory(directory).write_metrics(scores.metrics, settings)
     return directory
 
 
@@ -68,7 +69,7 @@ def keep_images(source, destination, ids: list[str]):
     with np.load(source / "histograms.npz") as saved:
         order = [saved["ids"].tolist().index(i) for i in ids]
         arrays = {key: saved[key] for key in saved.files}
-    for key in ("ids", "positive", "negative"):
+    for key in ("ids", "positive", "negative", "outside_positive", "outside_negative"):
         arrays[key] = arrays[key][order]
     np.savez_compressed(destination / "histograms.npz", **arrays)
     rescore(destination)

@@ -12,8 +12,10 @@ from omegaconf import OmegaConf
 
 from helpers.commands import run_module
 from helpers.configs import TINY_SYNTHETIC
-from retinaseg.evaluation.metrics import REPORTED, ImageCounts, reported
+from retinaseg.evaluation.counts import REPORTED
+from retinaseg.model.metrics import reported
 from retinaseg.model.module import VesselSegmentationModule
+from retinaseg.runs.rundir import RunDir
 
 # Every test here trains.
 pytestmark = pytest.mark.slow
@@ -62,7 +64,7 @@ def test_two_process_ddp_equals_single_process_evaluation(tmp_path):
     assert all(0.0 < test[key] < 1.0 for key in ("recall", "specificity", "auc"))
     assert {key: ddp_test[key] for key in REPORTED} == pytest.approx(test, abs=1e-6)
     # The test images counted for cross-validation pooling: all 5, gathered from both processes.
-    counts = ImageCounts.load(job / "test_counts.npz")
+    counts = RunDir(job).test_counts.read_counts("job")
     assert sorted(counts.ids) == sorted(datamodule.ids("test"))
     assert {key: counts.total()[key] for key in REPORTED} == pytest.approx(test, abs=1e-4)
 

@@ -18,7 +18,8 @@ from helpers.wandb_records import wandb_runs
 from retinaseg.core.errors import ConfigError
 from retinaseg.eval import evaluate
 from retinaseg.evaluation import protocols
-from retinaseg.evaluation.metrics import HEADLINE, REPORTED, Histograms
+from retinaseg.evaluation.counts import HEADLINE, REPORTED, Histograms
+from retinaseg.evaluation.directory import EvaluationDirectory
 
 
 def run_eval(ckpt_path, overrides: list[str], output_dir) -> dict:
@@ -92,7 +93,7 @@ def test_eval_files_recompute_independently(drive_root, drive_evaluation):
         histograms = Histograms(saved["positive"], saved["negative"], float(saved["logit_range"]))
     assert histograms.pooled(np.ones(20))["auc"] == pytest.approx(exact_auc, abs=1e-4)
     # Other papers' ways of scoring, from the histograms alone (outside the FOV too), give eval's own numbers.
-    saved = protocols.ImageHistograms.read(directory)
+    saved = EvaluationDirectory(directory).read("a").histograms
     for name, expected in (
         ("whole_image_pooled", metrics["whole_image"]),
         ("fov_mean_per_image", metrics["per_image_mean"]),

@@ -12,10 +12,11 @@ from helpers.configs import compose_config
 from retinaseg.compare import compare_with_literature
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sample import Sample
-from retinaseg.eval import write_metrics, write_outputs
 from retinaseg.evaluation import literature, protocols
 from retinaseg.evaluation.calibration import Reliability
-from retinaseg.evaluation.metrics import Histograms, score
+from retinaseg.evaluation.counts import Histograms
+from retinaseg.evaluation.directory import EvaluationDirectory, EvaluationSettings
+from retinaseg.evaluation.scoring import score
 
 # Two images of 2x3 pixels; the FOV is the first two columns (4 pixels), the last column lies outside it.
 PROBS = [np.array([[0.9, 0.2, 0.7], [0.6, 0.1, 0.3]]), np.array([[0.8, 0.1, 0.2], [0.4, 0.05, 0.2]])]
@@ -142,11 +143,11 @@ def write_drive_like_evaluation(directory, split: str, n: int, seed: int, checkp
         probs[f"{i:02d}"] = (1 / (1 + np.exp(-logit))).astype(np.float32)
     ids = [s.id for s in samples]
     scores = score(ids, [probs[i] for i in ids], [s.label for s in samples], [fov] * n, 0.5, None, 50, 0)
-    scores.metrics.update(
+    settings = EvaluationSettings(
         threshold=0.5, threshold_from="fixed", dataset="drive", split=split, n_images=n, checkpoint=checkpoint
     )
-    write_outputs(directory, scores, probs, samples)
-    write_metrics(directory, scores.metrics)
+    EvaluationDirectory(directory).write_scores(scores, probs, samples)
+    EvaluationDirectory(directory).write_metrics(scores.metrics, settings)
     return directory
 
 
@@ -211,10 +212,10 @@ def test_a_threshold_chosen_on_validation_images_comes_from_the_validation_evalu
         {**entry, "protocol": "fov_pooled", "threshold": "validation", "metrics": {"f1": 0.8}}, "test"
     )
     rows = literature.report(str(test), None, str(val), tmp_path / "out", 0, 0, published=[result])
-    histograms = protocols.ImageHistograms.read(val).inside
+    histograms = EvaluationDirectory(val).read("val").histograms.inside
     chosen = protocols.edges(histograms)[protocols.best_f1_index(histograms, "pooled")]
     assert rows[0].status == "scored" and rows[0].threshold == f"chosen on validation images ({chosen:.4f})"
-    test_histograms = protocols.ImageHistograms.read(test).inside
+    test_histograms = EvaluationDirectory(test).read("a").histograms.inside
     at_chosen = protocols.confusion_at(test_histograms, protocols.threshold_index(test_histograms, chosen))
     assert rows[0].values["f1"].value == pytest.approx(protocols.confusion_scores(at_chosen, np.ones(3))["f1"])
 

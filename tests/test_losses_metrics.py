@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retinaseg.evaluation.metrics import FOVMetrics, reported
 from retinaseg.model.losses import SegmentationLoss, cldice_loss, dice_loss, soft_skeleton
+from retinaseg.model.metrics import FOVMetrics, reported
 
 
 def seed_dice_loss(inputs, targets, smooth=1e-15):

@@ -178,7 +178,7 @@ def test_a_multirun_claims_its_sweep_directory_as_a_run_claims_its_own(tmp_path,
     job = RunDir(old / "0")
     job.config.parent.mkdir(parents=True)
     job.config.write_text("task_name: train\n")
-    job.test_counts.write_bytes(b"the first sweep's counts")
+    job.test_counts.histograms.write_bytes(b"the first sweep's counts")
     (old / "multirun.yaml").write_text("task_name: train\n")
     before = snapshot(old)
     run = training_run(tmp_path / "run")

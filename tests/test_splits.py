@@ -16,8 +16,11 @@ from retinaseg.data.datamodule import FundusDataModule, PatchDataset, WholeImage
 from retinaseg.data.preprocess import Preprocessing, read_mask, resize_mask
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.data.splits import kfold, validation
-from retinaseg.evaluation.metrics import HISTOGRAM_BINS, FOVMetrics, ImageCounts, count_images
+from retinaseg.evaluation.counts import HISTOGRAM_BINS
+from retinaseg.evaluation.directory import EvaluationDirectory
+from retinaseg.evaluation.scoring import ImageCounts, count_images
 from retinaseg.model.checkpoint import load_checkpoint
+from retinaseg.model.metrics import FOVMetrics
 from retinaseg.model.module import VesselSegmentationModule
 
 
@@ -110,7 +113,7 @@ def test_fov_metrics_auc_from_histograms_is_the_exact_auc_within_1e4_in_constant
 
 
 def test_image_counts_saved_and_loaded_pool_like_their_pixels(tmp_path):
-    """What a cross-validation fold leaves (test_counts.npz) pools with the other folds' as the pixels would."""
+    """What a cross-validation fold leaves (per_image.csv, histograms.npz) pools with the other folds' as the pixels would."""
     rng = np.random.default_rng(1)
     folds = []
     for fold, n in enumerate((2, 3)):
@@ -118,9 +121,11 @@ def test_image_counts_saved_and_loaded_pool_like_their_pixels(tmp_path):
         probs = [np.clip(t * 0.4 + rng.random((20, 20)) * 0.7, 0, 1).astype(np.float32) for t in labels]
         fovs = [rng.random((20, 20)) < 0.9 for _ in range(n)]
         counts = count_images([f"{fold}_{i}" for i in range(n)], probs, labels, fovs, 0.5, with_histograms=True)
-        counts.save(tmp_path / f"{fold}.npz")
+        EvaluationDirectory(tmp_path / str(fold)).write_counts(counts)
         folds.append((probs, labels, fovs))
-    pooled = ImageCounts.concatenate(*(ImageCounts.load(tmp_path / f"{fold}.npz") for fold in (0, 1))).total()
+    pooled = ImageCounts.concatenate(
+        *(EvaluationDirectory(tmp_path / str(fold)).read_counts("fold") for fold in (0, 1))
+    ).total()
     p = np.concatenate([prob[fov] for probs, _, fovs in folds for prob, fov in zip(probs, fovs)])
     y = np.concatenate([label[fov] for _, labels, fovs in folds for label, fov in zip(labels, fovs)])
     assert pooled["f1"] == pytest.approx(f1_score(y, p > 0.5), abs=1e-9)

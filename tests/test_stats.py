@@ -12,7 +12,7 @@ from retinaseg.core.errors import ConfigError
 from retinaseg.data.sources.synthetic import synthetic_samples
 from retinaseg.eval import evaluate
 from retinaseg.evaluation import stats
-from retinaseg.evaluation.metrics import ImageCounts, count_images
+from retinaseg.evaluation.scoring import ImageCounts, count_images
 
 
 def noisy_counts(n: int, seed: int) -> ImageCounts:

@@ -14,7 +14,8 @@ from helpers.commands import run_module
 from helpers.configs import CONF, TINY_SYNTHETIC
 from helpers.wandb_records import wandb_runs
 from retinaseg.data.sources.synthetic import SyntheticCatalogue
-from retinaseg.evaluation.metrics import REPORTED, ImageCounts
+from retinaseg.evaluation.counts import REPORTED
+from retinaseg.evaluation.scoring import ImageCounts
 from retinaseg.runs.rundir import RunDir
 from retinaseg.runs.sweeps import EvalSweepSummary
 
@@ -138,7 +139,7 @@ def test_cross_validation_sweep_pools_every_folds_test_images(tmp_path):
     (cv,) = summary["cross_validation"]
     assert cv["folds"] == 2 and cv["folds_done"] == [0, 1] and "data.fold=0" not in cv["overrides"]
 
-    counts = [ImageCounts.load(sweep / str(job) / "test_counts.npz") for job in (0, 1)]
+    counts = [RunDir(sweep / str(job)).test_counts.read_counts("fold") for job in (0, 1)]
     folds = [json.loads((sweep / str(job) / "metrics.json").read_text()) for job in (0, 1)]
     # Each fold's counts are its own test metrics' ...
     for c, metrics in zip(counts, folds, strict=True):

@@ -8,16 +8,9 @@ from skimage.morphology import skeletonize
 from sklearn.metrics import roc_auc_score
 
 from retinaseg.data.sources.synthetic import synthetic_samples
-from retinaseg.evaluation.metrics import (
-    HEADLINE,
-    REPORTED,
-    FOVMetrics,
-    Histograms,
-    ImageCounts,
-    count_images,
-    histogram_edges,
-    reported,
-)
+from retinaseg.evaluation.counts import HEADLINE, REPORTED, Histograms, histogram_edges
+from retinaseg.evaluation.scoring import ImageCounts, count_images
+from retinaseg.model.metrics import FOVMetrics, reported
 
 
 def topology(prediction: np.ndarray, label: np.ndarray) -> dict[str, float]:

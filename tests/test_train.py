@@ -4,7 +4,7 @@ import pytest
 
 from helpers.commands import error_lines, run_module
 from helpers.configs import TINY, TINY_SYNTHETIC, compose_config
-from retinaseg.evaluation.metrics import REPORTED
+from retinaseg.evaluation.counts import REPORTED
 from retinaseg.train import train
 
 # Every test here trains.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retinaseg.evaluation.metrics import ratio
+from retinaseg.evaluation.counts import ratio
 
 ECE_BINS = 15
 

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.core.safe_io import write_text
 from retinaseg.evaluation import protocols
-from retinaseg.evaluation.metrics import Confusion
+from retinaseg.evaluation.directory import Evaluation, EvaluationDirectory
 
 POLICIES = ("train", "validation", "test", "binarised")
 # Published metrics retinaseg does not compute (listed, not scored).
@@ -150,31 +148,6 @@ def load_published(path: str | Path | None = None) -> list[Published]:
     return results
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """What the report reads of an evaluation directory: metrics.json, its histograms and the second observer's
-    per-image counts (None without)."""
-
-    directory: Path
-    metrics: dict
-    histograms: protocols.ImageHistograms
-    observer: Confusion | None
-
-    @classmethod
-    def read(cls, directory: str | Path, name: str) -> Evaluation:
-        path = Path(directory).expanduser()
-        if not (path / "metrics.json").is_file():
-            raise DataError(f"{name}={directory} holds no metrics.json: pass the run directory of a retinaseg.eval run")
-        observer = None
-        if (path / "per_image_second_observer.csv").is_file():
-            with open(path / "per_image_second_observer.csv", newline="") as file:
-                rows = list(csv.DictReader(file))
-            observer = Confusion(*(np.array([int(row[key]) for row in rows]) for key in ("tp", "fp", "fn", "tn")))
-        return cls(
-            path, json.loads((path / "metrics.json").read_text()), protocols.ImageHistograms.read(path), observer
-        )
-
-
 @dataclass
 class Row:
     """A line of the report: a published result (None for the diagnostic), the model under its protocol."""
@@ -247,8 +220,8 @@ def diagnostic_row(test: Evaluation, resamples: int, seed: int) -> Row:
         "diagnostic",
         "this evaluation",
         "this model, threshold tuned on the test images",
-        str(test.metrics.get("dataset")),
-        str(test.metrics.get("split")),
+        str(test.settings.dataset),
+        str(test.settings.split),
         protocols.Protocol("fov", "pooled"),
         "test",
         {"f1": float("nan")},
@@ -266,14 +239,14 @@ def interval(scored: protocols.Scored, sign: str = "") -> str:
 
 def check_same_model(test: Evaluation, other: Evaluation, name: str, split: str) -> None:
     """`other` must score the same checkpoint's `split` images, in the same bins."""
-    if other.metrics.get("split") != split:
+    if other.settings.split != split:
         raise ConfigError(
-            f"{name}={other.directory} scored split {other.metrics.get('split')}: pass an evaluation of split={split}"
+            f"{name}={other.directory} scored split {other.settings.split}: pass an evaluation of split={split}"
         )
-    if other.metrics.get("checkpoint") != test.metrics.get("checkpoint"):
+    if other.settings.checkpoint != test.settings.checkpoint:
         raise ConfigError(
-            f"{name}={other.directory} evaluated {other.metrics.get('checkpoint')}, a={test.directory} evaluated "
-            f"{test.metrics.get('checkpoint')}: a threshold must be chosen for the model it is applied to"
+            f"{name}={other.directory} evaluated {other.settings.checkpoint}, a={test.directory} evaluated "
+            f"{test.settings.checkpoint}: a threshold must be chosen for the model it is applied to"
         )
     if not other.histograms.inside.same_bins(test.histograms.inside):
         raise DataError(
@@ -292,16 +265,16 @@ def report(
 ) -> list[Row]:
     """literature.md and literature.csv in `output_dir`: every published result on the dataset of the evaluation
     in `test_dir`, beside the model scored its way; the markdown is printed too."""
-    test = Evaluation.read(test_dir, "a")
+    test = EvaluationDirectory(test_dir).read("a")
     chosen: dict[str, Evaluation | None] = {"train": None, "validation": None}
     for policy, directory, name, split in (
         ("train", train_dir, "train", "train"),
         ("validation", val_dir, "val", "val"),
     ):
         if directory is not None:
-            chosen[policy] = Evaluation.read(directory, name)
+            chosen[policy] = EvaluationDirectory(directory).read(name)
             check_same_model(test, chosen[policy], name, split)
-    dataset = test.metrics.get("dataset")
+    dataset = test.settings.dataset
     results = [r for r in (published if published is not None else load_published()) if r.dataset == dataset]
     if not results:
         raise DataError(f"no published result on dataset {dataset} in the data file")
@@ -355,19 +328,18 @@ def table_csv(rows: list[Row]) -> str:
 
 def markdown(rows: list[Row], test: Evaluation, chosen: dict[str, Evaluation | None], resamples: int) -> str:
     """literature.md: what was scored, then one table row per published result (its metrics one per line)."""
-    m = test.metrics
+    m, s = test.metrics, test.settings
     lines = [
-        f"# This model beside published results on {m.get('dataset')}",
+        f"# This model beside published results on {s.dataset}",
         "",
-        f"- evaluation: `{test.directory.resolve()}` ({m.get('split')} split, {m.get('n_images')} images) of "
-        f"`{m.get('checkpoint')}`",
+        f"- evaluation: `{test.directory.resolve()}` ({s.split} split, {s.n_images} images) of `{s.checkpoint}`",
         *(
-            f"- thresholds chosen on {policy} images: `{e.directory.resolve()}` ({e.metrics.get('n_images')} images)"
+            f"- thresholds chosen on {policy} images: `{e.directory.resolve()}` ({e.settings.n_images} images)"
             for policy, e in chosen.items()
             if e is not None
         ),
         (
-            f"- [95% interval]: bootstrap over the {m.get('n_images')} images ({resamples} resamples); "
+            f"- [95% interval]: bootstrap over the {s.n_images} images ({resamples} resamples); "
             "difference = this model - published"
             if resamples
             else "- no intervals (bootstrap=0); difference = this model - published"

@@ -1,5 +1,5 @@
 """Figures of a run: training curves, an image | label | prediction | errors grid, ROC and PR curves, the
-reliability diagram.
+reliability diagram, and an evaluation's figures (`draw_plots`).
 
 Figures are drawn on matplotlib's Agg canvas through `Figure` (not pyplot), so they never open a
 window, need no display and leave the caller's matplotlib state alone.
@@ -20,7 +20,9 @@ from matplotlib.ticker import MaxNLocator
 from torchmetrics.functional.classification import binary_roc
 
 from retinaseg.core.safe_io import write_atomically
+from retinaseg.data.sample import Sample
 from retinaseg.evaluation.calibration import Reliability
+from retinaseg.evaluation.scoring import fov_pixels
 from retinaseg.inference.binarise import Binarisation, as_binarisation, binarise
 
 # Error map colours, told apart also by red-green colour-blind readers.
@@ -241,6 +243,40 @@ def reliability_diagram(reliability: Reliability, path: str | Path, title: str) 
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return save(fig, path)
+
+
+def draw_plots(
+    directory: Path,
+    metrics: dict,
+    probs: dict[str, np.ndarray],
+    samples: list[Sample],
+    num_images: int,
+    reliability: Reliability,
+    binarisation: Binarisation,
+) -> dict[str, Path]:
+    """An evaluation's figures in `directory` (its plots/): roc_pr.png and reliability.png of the split, and
+    predictions.png of its first `num_images` images (none for 0); by W&B key."""
+    threshold = metrics["threshold"]
+    points = {f"model at threshold {threshold:.3g}": metrics}
+    if "second_observer" in metrics:
+        points["second observer"] = metrics["second_observer"]
+    fov_probs, fov_labels = fov_pixels(probs, samples)
+    title = (
+        f"{metrics['dataset']} {metrics['split']} split, {len(samples)} images, FOV pixels pooled, "
+        f"{inference_words(metrics['tta'])}; operating point: probability > {threshold:.3g} "
+        f"(threshold: {metrics['threshold_from']})"
+    )
+    figures = {
+        "plots/roc_pr": roc_pr_curves(fov_probs, fov_labels, metrics["auc"], points, directory / "roc_pr.png", title),
+        "plots/reliability": reliability_diagram(reliability, directory / "reliability.png", title),
+    }
+    if num_images > 0:
+        rows = [
+            {"id": s.id, "image": s.image, "label": s.label, "fov": s.fov, "prob": probs[s.id]}
+            for s in samples[:num_images]
+        ]
+        figures["plots/predictions"] = results_grid(rows, binarisation, directory / "predictions.png", metrics["tta"])
+    return figures
 
 
 def log_images(loggers: Sequence, images: Mapping[str, Path], step: int | None = None) -> None:

@@ -19,13 +19,12 @@ another, and every metric gets a bootstrap interval over images (retinaseg.evalu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from retinaseg.core.errors import DataError
 from retinaseg.evaluation import stats
-from retinaseg.evaluation.metrics import Confusion, Histograms, histogram_edges, ratio
+from retinaseg.evaluation.counts import Confusion, Histograms, histogram_edges, ratio
 
 REGIONS = ("fov", "whole_image", "fov_multiplied")
 AVERAGING = ("pooled", "mean_per_image")
@@ -53,28 +52,13 @@ class Protocol:
 
 @dataclass(frozen=True)
 class ImageHistograms:
-    """An evaluation's histograms: per image (rows), vessel and background pixels in each probability bin, inside
-    the FOV and (None for an evaluation written before retinaseg recorded them) outside it."""
+    """An evaluation's histograms (retinaseg.evaluation.directory reads them): per image (rows), vessel and
+    background pixels in each probability bin, inside the FOV and (None for an evaluation written before retinaseg
+    recorded them) outside it."""
 
     ids: tuple[str, ...]
     inside: Histograms
     outside: Histograms | None
-
-    @classmethod
-    def read(cls, directory: str | Path) -> ImageHistograms:
-        """histograms.npz of the evaluation in `directory`."""
-        path = Path(directory) / "histograms.npz"
-        if not path.is_file():
-            raise DataError(f"{directory} holds no histograms.npz: pass the run directory of a retinaseg.eval run")
-        with np.load(path, allow_pickle=False) as saved:
-            logit_range = float(saved["logit_range"])
-            inside = Histograms(saved["positive"].astype(np.int64), saved["negative"].astype(np.int64), logit_range)
-            outside = None
-            if "outside_positive" in saved:
-                outside = Histograms(
-                    saved["outside_positive"].astype(np.int64), saved["outside_negative"].astype(np.int64), logit_range
-                )
-            return cls(tuple(saved["ids"].tolist()), inside, outside)
 
     def scored(self, protocol: Protocol) -> Histograms:
         """The histograms of the pixels `protocol` scores, at the probabilities it scores them with."""

@@ -4,7 +4,7 @@ two evaluations of the same images. Plain numpy, usable outside evaluation.
 The images are the unit that was sampled (DRIVE's 20 test photographs), so they are what is resampled. Every
 function takes the metrics as a `statistic`: a function of image weights, `statistic(weights)` with weights of
 shape (R, n) (how many times each of the n images counts, in each of R resamples) returning, by metric name,
-arrays of shape (R,). `retinaseg.evaluation.metrics.ImageCounts.pooled` is one: it sums per-image counts with the weights,
+arrays of shape (R,). `retinaseg.evaluation.scoring.ImageCounts.pooled` is one: it sums per-image counts with the weights,
 so each resample costs a matrix product instead of a pass over the pixels.
 """
 

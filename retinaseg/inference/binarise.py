@@ -8,13 +8,12 @@ A pixel is vessel where its probability is above `threshold`; two options keep t
   (FR-UNet's "dual-threshold iteration"). A fraction of the threshold, so that it holds for any threshold
   (threshold=val included);
 - min_size: 8-connected vessel components of fewer than `min_size` pixels are dropped.
-8-connected, as the Betti-0 count of retinaseg.evaluation.metrics: vessels touching at a corner are one.
+8-connected, as the Betti-0 count of retinaseg.evaluation.topology: vessels touching at a corner are one.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.measure import label as label_components
 
 from retinaseg.core.errors import check_int, check_number
 
@@ -70,6 +69,9 @@ def as_binarisation(binarisation: Binarisation | float) -> Binarisation:
 
 def binarise(prob: np.ndarray, fov: np.ndarray, settings: Binarisation) -> np.ndarray:
     """The boolean vessel mask (H, W) of a probability map inside the boolean `fov` (False outside)."""
+    # Imported here: the LightningModule binarises, and importing it should not load scikit-image.
+    from skimage.measure import label as label_components
+
     mask = (prob > settings.threshold) & fov
     if settings.hysteresis is not None:
         low = (prob > settings.low_threshold) & fov

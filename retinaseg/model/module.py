@@ -8,12 +8,12 @@ import torch
 
 from retinaseg.core.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from retinaseg.core.machine import compile_gains
-from retinaseg.evaluation.metrics import FOVMetrics
 from retinaseg.inference.backends import Runtime
 from retinaseg.inference.binarise import Binarisation
 from retinaseg.inference.predictor import Predictor
 from retinaseg.inference.settings import InferenceSettings
 from retinaseg.model.losses import LOSSES, SegmentationLoss
+from retinaseg.model.metrics import FOVMetrics
 from retinaseg.model.unet import UNet, rename_legacy_keys
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@
 - `StopOnNonFiniteLoss`: a clear stop at the first NaN, before broken weights are checkpointed;
 - `TrimLogsOnResume`: csv/metrics.csv without the rows a resumed run logs again;
 - `PlotsCallback`: the run's figures;
-- `CountTestImages`: test_counts.npz, what a cross-validation sweep pools (retinaseg.runs.sweeps);
+- `CountTestImages`: the test images' counts (per_image.csv, histograms.npz), what a cross-validation sweep pools
+  (retinaseg.runs.sweeps);
 - `LogProgress`: a progress line in the log where stdout is not a terminal;
 - `RecordSteps`: the steps trained against those planned, and what stopped the run short of them.
 """
@@ -28,9 +29,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from retinaseg.core.errors import DivergedError
 from retinaseg.core.progress import INTERVAL_S, Pace, on_terminal
-from retinaseg.core.safe_io import write_atomically
 from retinaseg.evaluation import plots
-from retinaseg.evaluation.metrics import ImageCounts, count_images
+from retinaseg.evaluation.scoring import ImageCounts, count_images
 from retinaseg.runs.metrics_csv import MetricsCSVLogger
 from retinaseg.runs.rundir import RunDir
 
@@ -216,8 +216,9 @@ class PlotsCallback(L.Callback):
 
 
 class CountTestImages(L.Callback):
-    """Writes the run directory's `test_counts.npz` after testing: each test image's counts of the model's
-    binarised mask (retinaseg.inference.binarise) and its probabilities' histograms (retinaseg.evaluation.metrics.ImageCounts, as eval keeps them). A
+    """Writes the run directory's test counts after testing (`RunDir.test_counts`): each test image's counts of the
+    model's binarised mask (retinaseg.inference.binarise) and its probabilities' histograms
+    (retinaseg.evaluation.scoring.ImageCounts), in the files an evaluation keeps them in. A
     cross-validation sweep adds up its folds' files to score every image by the model that never saw it, pooled
     over all test pixels (retinaseg.runs.sweeps).
 
@@ -226,7 +227,7 @@ class CountTestImages(L.Callback):
     """
 
     def __init__(self, run_dir: str):
-        self.path = RunDir(run_dir).test_counts
+        self.directory = RunDir(run_dir).test_counts
         self.counts: list[ImageCounts] = []
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -251,7 +252,7 @@ class CountTestImages(L.Callback):
             for c in counts:
                 unique.setdefault(c.ids[0], c)
             pooled = functools.reduce(ImageCounts.concatenate, unique.values())
-            write_atomically(self.path, pooled.save)
+            self.directory.write_counts(pooled)
 
 
 class LogProgress(L.Callback):

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from retinaseg.core.errors import ConfigError, exit_on_user_error
+from retinaseg.evaluation.directory import EvaluationDirectory
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ class RunDir:
         return self.path / "metrics.json"
 
     @property
-    def test_counts(self) -> Path:
-        """The test images' counts a cross-validation sweep pools (retinaseg.runs.callbacks.CountTestImages)."""
-        return self.path / "test_counts.npz"
+    def test_counts(self) -> EvaluationDirectory:
+        """The test images' counts a cross-validation sweep pools (retinaseg.runs.callbacks.CountTestImages): its
+        per_image.csv and histograms.npz, as an evaluation keeps them."""
+        return EvaluationDirectory(self.path)
 
     @property
     def plots(self) -> Path:
@@ -110,7 +112,7 @@ class RunDir:
             *sorted(self.checkpoints.glob("*.ckpt")),
             self.metrics_csv,
             self.metrics,
-            self.test_counts,
+            self.test_counts.histograms,
             self.job_record,
         ]
         return next((p for p in candidates if p.is_file()), None)

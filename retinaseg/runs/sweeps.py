@@ -26,7 +26,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from retinaseg.core.safe_io import write_text
-from retinaseg.evaluation.metrics import REPORTED, ImageCounts
+from retinaseg.evaluation.counts import REPORTED
+from retinaseg.evaluation.scoring import ImageCounts
 from retinaseg.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,10 @@ def cross_validation(jobs: list[dict]) -> list[dict]:
             groups.setdefault(others, []).append(job)
     results = []
     for others, group in groups.items():
-        done = [j for j in group if j["status"] == "COMPLETED" and RunDir(j["dir"]).test_counts.is_file()]
+        done = [j for j in group if j["status"] == "COMPLETED" and RunDir(j["dir"]).test_counts.histograms.is_file()]
         result = {"overrides": list(others), "folds": group[0]["folds"], "folds_done": sorted(j["fold"] for j in done)}
         if done:
-            counts = (ImageCounts.load(RunDir(j["dir"]).test_counts) for j in done)
+            counts = (RunDir(j["dir"]).test_counts.read_counts("fold") for j in done)
             per_fold = [json.loads(RunDir(j["dir"]).metrics.read_text()) for j in done]
             result["pooled"] = functools.reduce(ImageCounts.concatenate, counts).total()
             result["mean"] = {k: float(np.mean([m[k] for m in per_fold])) for k in REPORTED}
