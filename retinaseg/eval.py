@@ -150,7 +150,9 @@ def evaluate(cfg: DictConfig) -> dict:
     directory.write_metrics(numbers, settings)  # last: where metrics.json is, the evaluation finished
     # A W&B run joins the group of the training run that wrote the checkpoint.
     loggers = config.instantiate_group(cfg.get("logger"), wandb={"training_group": checkpoint.wandb_group})
-    log_evaluation(loggers, metrics, scores.rows, figures, samples[: cfg.plot_images], probs, checkpoint, predictor.net)
+    log_evaluation(
+        loggers, numbers, settings, scores.rows, figures, samples[: cfg.plot_images], probs, checkpoint, predictor.net
+    )
     print(table(metrics))
     log.info("evaluation of %s written to %s", metrics["checkpoint"], output_dir)
     return metrics

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 from retinaseg.core.machine import git_commit, run_facts
 from retinaseg.data.sample import Sample
+from retinaseg.evaluation.directory import EvaluationSettings
 from retinaseg.evaluation.plots import log_images
 from retinaseg.model.checkpoint import Checkpoint
 from retinaseg.tracking.callbacks import vessel_masks
@@ -37,24 +38,15 @@ def flat_numbers(values: Mapping, prefix: str) -> dict[str, float]:
     return flat
 
 
-# metrics.json's entries that describe how an evaluation was made, not what it measured.
-EVALUATION_SETTINGS = (
-    "checkpoint",
-    "dataset",
-    "split",
-    "fov",
-    "scale",
-    "threshold_from",
-    "tta",
-    "inference",
-    "region",
-    "bootstrap",
-)
+# The settings of an evaluation that are logged among its numbers (`test/threshold`, `test/n_images`,
+# `test/binarisation/min_size`, ...), where a dashboard plots them beside the scores; the others are hyperparameters.
+SETTINGS_AS_NUMBERS = ("threshold", "n_images", "binarisation")
 
 
 def log_evaluation(
     loggers: Sequence[Logger],
-    metrics: dict,
+    numbers: dict,
+    settings: EvaluationSettings,
     per_image: list[dict],
     figures: Mapping[str, Path],
     examples: Sequence[Sample],
@@ -62,27 +54,27 @@ def log_evaluation(
     checkpoint: Checkpoint,
     model: torch.nn.Module,
 ) -> None:
-    """An evaluation (metrics.json's content `metrics`, its per-image rows) to the run's loggers, each then closed.
+    """An evaluation (its `numbers` and `settings`, as metrics.json holds them, and its per-image rows) to the run's
+    loggers, each then closed.
 
     Every logger gets the settings and the checkpoint's model and data settings as hyperparameters, with the id of
-    the W&B run that trained it (`training_run_id`), every number of `metrics` flattened under the split
-    (`flat_numbers`: `test/f1`, `test/per_image_mean/f1`, intervals as `test/ci95/f1/lo`) and the `figures`. A W&B
-    run also gets the per-image rows as a table (`<split>/per_image`), the `examples` with their true and
-    predicted vessels (`<split>/predictions`), `run_facts` in its summary and, online, the training run's best
-    model artifact as its input (W&B's lineage: which checkpoint gave these scores).
+    the W&B run that trained it (`training_run_id`), every number flattened under the split (`flat_numbers`:
+    `test/f1`, `test/per_image_mean/f1`, intervals as `test/ci95/f1/lo`) and the `figures`. A W&B run also gets the
+    per-image rows as a table (`<split>/per_image`), the `examples` with their true and predicted vessels
+    (`<split>/predictions`), `run_facts` in its summary and, online, the training run's best model artifact as its
+    input (W&B's lineage: which checkpoint gave these scores).
     """
-    split, threshold = metrics["split"], metrics["threshold"]
-    settings = {key: metrics[key] for key in EVALUATION_SETTINGS if key in metrics}
+    split, recorded = settings.split, settings.to_json()
     hparams = {
-        **settings,
+        **{key: value for key, value in recorded.items() if key not in SETTINGS_AS_NUMBERS},
         "training_run_id": checkpoint.wandb_run_id,
         "model": checkpoint.hyper_parameters,
         "data": checkpoint.data,
     }
-    numbers = flat_numbers({k: v for k, v in metrics.items() if k not in EVALUATION_SETTINGS}, split)
+    flat = flat_numbers({**numbers, **{key: recorded[key] for key in SETTINGS_AS_NUMBERS if key in recorded}}, split)
     for logger in loggers:
         logger.log_hyperparams(hparams)
-        logger.log_metrics(numbers, step=0)
+        logger.log_metrics(flat, step=0)
         log_images([logger], figures)
         if isinstance(logger, LightningWandbLogger):
             log_rows(logger, f"{split}/per_image", per_image)
@@ -91,7 +83,7 @@ def log_evaluation(
                     f"{split}/predictions",
                     images=[s.image for s in examples],
                     caption=[s.id for s in examples],
-                    masks=[vessel_masks(s.label, (probs[s.id] > threshold) & s.fov) for s in examples],
+                    masks=[vessel_masks(s.label, (probs[s.id] > settings.threshold) & s.fov) for s in examples],
                 )
             logger.experiment.summary.update(run_facts(model, next(model.parameters()).device))
             use_training_artifact(logger, checkpoint.wandb_run_id)
