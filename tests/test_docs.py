@@ -15,6 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from retinaseg import results
+from retinaseg.evaluation.records import BEGIN, END, load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -110,16 +111,16 @@ def test_readme_links_lead_to_files():
 
 
 def test_results_pages_agree_with_records():
-    assert results.stale_pages(results.load_records()) == []
+    assert results.stale_pages(load_records(results.RECORDS)) == []
 
 
 def test_stale_results_page_is_found(tmp_path, monkeypatch):
     page = tmp_path / "results.md"
-    page.write_text(f"intro\n{results.BEGIN}\n| an old table |\n{results.END}\n")
+    page.write_text(f"intro\n{BEGIN}\n| an old table |\n{END}\n")
     monkeypatch.setattr(results, "PAGES", {page: ("reference",)})
-    assert results.stale_pages(results.load_records()) == [page]
+    assert results.stale_pages(load_records(results.RECORDS)) == [page]
     page.write_text(results.rendered(page.read_text(), results.load_records(), ("reference",)))
-    assert results.stale_pages(results.load_records()) == []
+    assert results.stale_pages(load_records(results.RECORDS)) == []
 
 
 def test_record_from_an_evaluation(tmp_path):
