@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from retinaseg import results
-from retinaseg.evaluation.records import BEGIN, END, load_records
+from retinaseg.core.errors import ConfigError, DataError
+from retinaseg.evaluation.records import BEGIN, END, load_records, record_of, rendered, table
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -119,7 +119,7 @@ def test_stale_results_page_is_found(tmp_path, monkeypatch):
     page.write_text(f"intro\n{BEGIN}\n| an old table |\n{END}\n")
     monkeypatch.setattr(results, "PAGES", {page: ("reference",)})
     assert results.stale_pages(load_records(results.RECORDS)) == [page]
-    page.write_text(results.rendered(page.read_text(), results.load_records(), ("reference",)))
+    page.write_text(rendered(page.read_text(), load_records(results.RECORDS), ("reference",)))
     assert results.stale_pages(load_records(results.RECORDS)) == []
 
 
@@ -149,8 +149,8 @@ def test_record_from_an_evaluation(tmp_path):
         "checkpoint": str(run / "checkpoints" / "best.ckpt"),
     }
     (evaluation / "metrics.json").write_text(json.dumps(metrics))
-    settings = dict(eval_dir=str(evaluation), name="x", title="x", role="reference", machine="M", version="abc")
-    record = results.record_of(OmegaConf.create({**settings, "scorer": "model"}))
+    settings = dict(eval_dir=evaluation, name="x", title="x", role="reference", machine="M", version="abc")
+    record = record_of(**settings, scorer="model")
     assert record.command == [
         "python -m retinaseg.train experiment=drive_cpu seed=1",
         f"python -m retinaseg.eval ckpt_path={run}/checkpoints/best.ckpt",
@@ -158,18 +158,18 @@ def test_record_from_an_evaluation(tmp_path):
     assert (record.steps, record.wall_time_s, record.machine, record.version) == (640, 901, "M", "abc")
     assert record.metrics == {"f1": [0.82, 0.81, 0.83], "auc": [0.98, 0.97, 0.99]}
     assert "| x | 0.8200<br>[0.8100, 0.8300] | 0.9800<br>[0.9700, 0.9900] | – | – | 640 | 15:01 | M |" in (
-        results.table([record], ("reference",))
+        table([record], ("reference",))
     )
-    observer_record = results.record_of(OmegaConf.create({**settings, "scorer": "second_observer"}))
+    observer_record = record_of(**settings, scorer="second_observer")
     assert observer_record.metrics == {"f1": [0.79, 0.78, 0.80]}
     assert (observer_record.steps, observer_record.wall_time_s) == (None, None)
     (run / "train.log").unlink()
-    with pytest.raises(results.DataError, match="train.log is gone"):
-        results.record_of(OmegaConf.create({**settings, "scorer": "model"}))
-    unnamed = results.record_of(OmegaConf.create({**settings, "scorer": "second_observer", "machine": None}))
+    with pytest.raises(DataError, match="train.log is gone"):
+        record_of(**settings, scorer="model")
+    unnamed = record_of(**{**settings, "machine": None}, scorer="second_observer")
     assert unnamed.machine == "–"
 
 
 def test_page_without_markers_is_refused():
-    with pytest.raises(results.ConfigError, match="markers"):
-        results.rendered("no table here", [], ("reference",))
+    with pytest.raises(ConfigError, match="markers"):
+        rendered("no table here", [], ("reference",))
