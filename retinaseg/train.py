@@ -93,7 +93,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer = build_trainer(cfg)
     parameters = sum(p.numel() for p in model.parameters())
     log.info("U-Net with %s parameters; run directory %s", f"{parameters:,}", run_dir.path)
-    start_tracking(trainer.loggers, cfg, parameters, start.checkpoint)
+    start_tracking(trainer.loggers, cfg, parameters, start.checkpoint and start.checkpoint.wandb_run_id)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=start.ckpt_path)
     steps = next((c.record for c in trainer.callbacks if isinstance(c, RecordSteps)), None)

@@ -16,17 +16,7 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from retinaseg.core.machine import run_facts
 from retinaseg.evaluation.plots import displayable
 from retinaseg.model.checkpoint import WANDB_GROUP_KEY, WANDB_RUN_ID_KEY
-from retinaseg.tracking.wandb import wandb_loggers
-
-MASK_CLASSES = {0: "background", 1: "vessel"}
-
-
-def vessel_masks(label: np.ndarray, predicted: np.ndarray) -> dict:
-    """W&B image masks (drawn over the image, toggled in its panel): the true and the predicted vessels."""
-    return {
-        "prediction": {"mask_data": predicted.astype(np.uint8), "class_labels": MASK_CLASSES},
-        "ground_truth": {"mask_data": label.astype(np.uint8), "class_labels": MASK_CLASSES},
-    }
+from retinaseg.tracking.wandb import vessel_masks, wandb_loggers
 
 
 class WandbPredictionImages(L.Callback):

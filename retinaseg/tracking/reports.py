@@ -14,8 +14,7 @@ from retinaseg.data.sample import Sample
 from retinaseg.evaluation.directory import EvaluationSettings
 from retinaseg.evaluation.plots import log_images
 from retinaseg.model.checkpoint import Checkpoint
-from retinaseg.tracking.callbacks import vessel_masks
-from retinaseg.tracking.wandb import use_training_artifact
+from retinaseg.tracking.wandb import use_training_artifact, vessel_masks
 
 
 def flat_numbers(values: Mapping, prefix: str) -> dict[str, float]:

@@ -12,13 +12,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from retinaseg.core.machine import git_commit
-from retinaseg.model.checkpoint import Checkpoint
 from retinaseg.tracking.identity import hydra_identity
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,9 @@ def wandb_loggers(loggers: Sequence[Logger]) -> list[LightningWandbLogger]:
     return [logger for logger in loggers if isinstance(logger, LightningWandbLogger)]
 
 
-def start_tracking(loggers: list[Logger], cfg: DictConfig, parameters: int, checkpoint: Checkpoint | None) -> None:
+def start_tracking(loggers: list[Logger], cfg: DictConfig, parameters: int, wandb_run_id: str | None) -> None:
     """Give every logger the composed config, the parameter count and the git commit; a W&B logger continues
-    the W&B run of `checkpoint` (the one the training continues from), when it was logged to one."""
-    wandb_run_id = checkpoint.wandb_run_id if checkpoint is not None else None
+    the W&B run `wandb_run_id` (that of the checkpoint the training continues from), where there is one."""
     info = {**OmegaConf.to_container(cfg, resolve=True), "parameters": parameters, "git_commit": git_commit()}
     for logger in loggers:
         if wandb_run_id and isinstance(logger, WandbLogger):
@@ -156,3 +155,14 @@ def use_training_artifact(logger: LightningWandbLogger, training_run_id: str | N
         logger.use_artifact(f"model-{training_run_id}:best", artifact_type="model")
     except Exception as error:  # wandb's CommError and others: not uploaded (an offline training), other project
         log.warning("the model artifact of W&B run %s is not declared as input: %s", training_run_id, error)
+
+
+MASK_CLASSES = {0: "background", 1: "vessel"}
+
+
+def vessel_masks(label: np.ndarray, predicted: np.ndarray) -> dict:
+    """W&B image masks (drawn over the image, toggled in its panel): the true and the predicted vessels."""
+    return {
+        "prediction": {"mask_data": predicted.astype(np.uint8), "class_labels": MASK_CLASSES},
+        "ground_truth": {"mask_data": label.astype(np.uint8), "class_labels": MASK_CLASSES},
+    }
