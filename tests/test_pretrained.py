@@ -6,6 +6,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -64,6 +65,19 @@ def test_a_built_wheel_carries_the_packaged_model(tmp_path):
 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"retinaseg/pretrained/drive/{name}" for name in PACKAGED} <= names
+    # The configs travel with the package: an installed retinaseg composes its commands from any folder.
+    configs = {str(p.relative_to(ROOT)) for p in (ROOT / "retinaseg" / "conf").rglob("*.yaml")}
+    assert configs and configs | {"retinaseg/evaluation/published.yaml"} <= names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    composed = subprocess.run(
+        [sys.executable, "-m", "retinaseg.eval", "--cfg", "job"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+    )
+    assert composed.returncode == 0 and "task_name: eval" in composed.stdout, composed.stderr[-2000:]
 
 
 def test_packaged_model_scores_on_drive_what_its_card_says(drive_root, tmp_path):
