@@ -1,0 +1,1 @@
+"""From photographs to vessel probabilities and masks: the Predictor, its settings, backends and binarisation."""

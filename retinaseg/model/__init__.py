@@ -1,0 +1,1 @@
+"""The U-Net, its losses, the LightningModule and its metrics, and model files (checkpoints)."""

@@ -1,1 +1,1 @@
-"""A run's directory: its files (rundir), writing them safely (safe_io), continuing a run (resume), its CSV log."""
+"""A training run: its directory, resume, time budget, sweeps, the callbacks of its lifecycle, speed timing."""

@@ -1,0 +1,1 @@
+"""Weights & Biases: run names and groups, the logger and its offline fallback, callbacks, reports."""
