@@ -63,7 +63,13 @@ def predict(cfg: DictConfig) -> list[Path]:
         device, OmegaConf.to_container(cfg.inference), tta, threshold, hysteresis, min_size, scale
     )
     fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
-    log.info("segmenting %d photograph(s) on %s (%s) into %s", len(photos), device, predictor.binarisation, output_dir)
+    log.info(
+        "segmenting %d photograph(s) on %s (%s) into %s",
+        len(photos),
+        device,
+        predictor.binarisation.words(),
+        output_dir,
+    )
     if checkpoint.references is None:
         log.warning(
             "%s records no ranges of its training photographs: brightness, contrast, vessel density and size are "
