@@ -22,7 +22,6 @@ from retinaseg.evaluation.plots import draw_plots
 from retinaseg.evaluation.report import table
 from retinaseg.evaluation.scoring import fov_pixels, score
 from retinaseg.evaluation.thresholds import best_binarisation, best_f1_threshold
-from retinaseg.inference.binarise import Binarisation
 from retinaseg.inference.predictor import Predictor
 from retinaseg.model.checkpoint import data_settings, load_checkpoint, resolve_device
 from retinaseg.runs.sweeps import in_multirun
@@ -101,7 +100,8 @@ def evaluate(cfg: DictConfig) -> dict:
             len(val_samples),
         )
     else:
-        binarisation = Binarisation.checked(threshold, hysteresis, min_size)
+        # The predictor's options, checked where it was built; the threshold may have been chosen since.
+        binarisation = dataclasses.replace(predictor.binarisation, threshold=threshold)
     if cfg.split == "val":
         data, samples, probs = own_data, val_samples, val_probs
     else:

@@ -147,7 +147,7 @@ def segment(
     `fov_path`, a mask file or folder; None: estimated); return the masks written. A photograph that cannot be read is
     skipped with a warning where `source` (input=<...>) is a folder, and stops the run where it is the one
     photograph; a DataError where none could be segmented."""
-    written, outcomes = [], []
+    written, outcomes, scale = [], [], predictor.preprocessing.scale
     for photo in tracked(photos, "segmenting", unit="photographs"):
         try:
             image = read_photograph(read_image_file(photo), str(photo))
@@ -165,7 +165,6 @@ def segment(
         write_png(mask_path, mask.astype(np.uint8) * 255)
         write_png(overlay_path, overlay(image, mask, fov))
         written.append(mask_path)
-        scale = predictor.preprocessing.scale
         quality = assess(image, fov, fov_path is not None, mask, scale, references)
         log.log(logging.WARNING if quality.warnings else logging.INFO, "%s: %s", photo.name, quality.summary())
         outcomes.append(Outcome(photo.name, "written", mask_path.name, "", quality))
