@@ -67,16 +67,17 @@ def test_patches_are_centred_in_the_fov_and_deterministic():
         s.image[...] = 0
         s.image[s.fov] = 255  # a patch's centre pixel is white exactly when it lies in the FOV
     dataset = PatchDataset(samples, patch_size=16, preprocessing=Preprocessing(), augment=False, seed=3, length=50)
-    for k in range(50):
-        item = dataset[k]
-        assert item["image"].shape == (3, 16, 16) and item["label"].shape == item["fov"].shape == (1, 16, 16)
-        assert item["fov"][0, 8, 8] and item["image"][0, 8, 8] == 1.0
+    batch = dataset.collate([dataset[k] for k in range(50)])
+    assert batch["image"].shape == (50, 3, 16, 16) and batch["label"].shape == batch["fov"].shape == (50, 1, 16, 16)
+    assert batch["fov"][:, 0, 8, 8].all() and (batch["image"][:, 0, 8, 8] == 1.0).all()
     augmented = PatchDataset(samples, 16, Preprocessing(), augment=True, seed=3, length=5)
     again = PatchDataset(samples, 16, Preprocessing(), augment=True, seed=3, length=5)
-    for k in range(5):
-        assert torch.equal(augmented[k]["image"], again[k]["image"]) and torch.equal(
-            augmented[k]["label"], again[k]["label"]
-        )
+    first, second = (patches.collate([patches[k] for k in range(5)]) for patches in (augmented, again))
+    assert all(torch.equal(first[key], second[key]) for key in ("image", "label", "fov"))
+    # A patch depends on its own index only, not on the batch it is drawn in.
+    alone = augmented.collate([augmented[3]])
+    assert torch.allclose(alone["image"][0], first["image"][3], atol=1e-6)
+    assert torch.equal(alone["label"][0], first["label"][3])
 
 
 def test_each_epoch_draws_new_patch_indices():
@@ -126,7 +127,7 @@ def test_clahe_raises_vessel_contrast_and_applies_to_every_split(drive_test):
     patches = dm.train_dataloader().dataset
     pad = patches.pad
     for image, sample in zip(patches.images, dm.train_samples, strict=True):
-        assert np.array_equal(image[pad:-pad, pad:-pad], equalize_contrast(sample.image))
+        assert np.array_equal(image[:, pad:-pad, pad:-pad], equalize_contrast(sample.image).transpose(2, 0, 1))
 
 
 def test_bad_settings_are_clear_errors():

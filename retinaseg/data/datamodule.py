@@ -1,11 +1,8 @@
 """LightningDataModule: random FOV-centred training patches, whole images for validation and test."""
 
-import math
 import warnings
 from collections.abc import Sequence
 
-import albumentations as A
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -14,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from retinaseg.core.errors import ConfigError, DataError, check_bool, check_choice, check_int, check_number
 from retinaseg.data import sources, splits
+from retinaseg.data.augment import Augmentation, augment_batch, context_size
 from retinaseg.data.preprocess import Preprocessing
 from retinaseg.data.sample import Sample
 
@@ -34,26 +32,6 @@ def check_channels(name: str, values, positive: bool = False) -> list[float]:
     ]
 
 
-# The affine warp's zoom range: the vessel widths (in pixels) a model sees in training span this much around the
-# training images' own (retinaseg.inference.quality checks a photograph's size against it).
-AFFINE_SCALE = (0.9, 1.1)
-
-
-def augmentations(patch_size: int) -> A.Compose:
-    """Flips, 90-degree rotations, a small affine warp and photometric jitter, ending in the centre crop."""
-    return A.Compose(
-        [
-            A.HorizontalFlip(),
-            A.VerticalFlip(),
-            A.RandomRotate90(),
-            A.Affine(scale=AFFINE_SCALE, rotate=(-20, 20), shear=(-5, 5), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2),
-            A.RandomGamma(gamma_limit=(80, 120)),
-            A.CenterCrop(patch_size, patch_size),
-        ]
-    )
-
-
 class PatchDataset(Dataset):
     """Patches of `patch_size` whose centres lie inside the FOV, cut on the fly from images held once, at the
     working resolution (`preprocessing`: data.scale and CLAHE applied to the whole images first).
@@ -62,6 +40,9 @@ class PatchDataset(Dataset):
     the same in any worker, after a resume, and different in each epoch (the sampler gives each epoch
     its own range of indices). With `crop="centre"` item `k` is instead image `k mod n` cut around its
     centre, zero-padded where the patch is larger: the seed's whole-image training.
+
+    An item is the patch's crop as stored (uint8, with room around the patch for the warp when `augment`) and its
+    drawn Augmentation; `collate` warps, cuts and normalises a whole batch of them at once (retinaseg.data.augment).
     """
 
     def __init__(
@@ -74,10 +55,8 @@ class PatchDataset(Dataset):
         length: int = 1,
         crop: str = "fov",
     ):
-        self.patch_size, self.crop = patch_size, crop
-        # Augmenting a larger crop and cutting the centre keeps rotation corners free of padding.
-        self.context = math.ceil(patch_size * 1.5) if augment else patch_size
-        self.transform = augmentations(patch_size) if augment else None
+        self.patch_size, self.crop, self.augment = patch_size, crop, augment
+        self.context = context_size(patch_size) if augment else patch_size
         self.preprocessing, self.seed, self.length = preprocessing, seed, length
         # Images, labels and FOV masks at the working resolution (data.scale), contrast-equalised once, whole.
         images = [preprocessing.image(s.image) for s in samples]
@@ -89,10 +68,11 @@ class PatchDataset(Dataset):
                     f"data.patch_size={patch_size} is larger than image {s.id} ({fov.shape[1]}x{fov.shape[0]}"
                     f"{f' at data.scale={preprocessing.scale}' if preprocessing.scale != 1 else ''})."
                 )
-        # Zero padding lets a patch centred near the border be cut without special cases.
+        # Zero padding lets a patch centred near the border be cut without special cases. Channels first, as the
+        # batch is.
         pad = self.pad = self.context // 2 + 1
-        self.images = [np.pad(image, ((pad, pad), (pad, pad), (0, 0))) for image in images]
-        self.labels = [np.pad(label, pad) for label in labels]
+        self.images = [np.pad(image, ((pad, pad), (pad, pad), (0, 0))).transpose(2, 0, 1).copy() for image in images]
+        self.labels = [np.pad(label.astype(np.uint8), pad) for label in labels]
         self.fovs = [np.pad(fov.astype(np.uint8), pad) for fov in fovs]
         self.centres = [np.flatnonzero(fov).astype(np.int64) for fov in fovs]
         self.widths = [fov.shape[1] for fov in fovs]
@@ -100,7 +80,8 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Augmentation | None]:
+        """(image (3, C, C), label (C, C), FOV mask (C, C), augmentation): the uint8 crop around patch `index`."""
         rng = np.random.default_rng([self.seed, index])
         if self.crop == "centre":
             i = index % len(self.images)
@@ -111,16 +92,21 @@ class PatchDataset(Dataset):
             row, col = divmod(int(self.centres[i][rng.integers(len(self.centres[i]))]), self.widths[i])
         top, left = row + self.pad - self.context // 2, col + self.pad - self.context // 2
         window = (slice(top, top + self.context), slice(left, left + self.context))
-        image, label, fov = self.images[i][window], self.labels[i][window], self.fovs[i][window]
-        if self.transform is not None:
-            self.transform.set_random_seed(int(rng.integers(2**31)))
-            out = self.transform(image=image, masks=[label, fov])
-            image, (label, fov) = out["image"], out["masks"]
-        return {
-            "image": self.preprocessing.normalize(image),
-            "label": torch.from_numpy(np.ascontiguousarray(label)).float()[None],
-            "fov": torch.from_numpy(np.ascontiguousarray(fov)).bool()[None],
-        }
+        augmentation = Augmentation.draw(rng) if self.augment else None
+        return self.images[i][(slice(None), *window)], self.labels[i][window], self.fovs[i][window], augmentation
+
+    def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
+        """The batch of `items`: "image" (N, 3, P, P) normalised, "label" (N, 1, P, P) float, "fov" (N, 1, P, P)
+        bool, each patch augmented."""
+        images, labels, fovs, augmentations = zip(*items)
+        images, labels, fovs = augment_batch(
+            torch.from_numpy(np.stack(images)).float().div_(255),
+            torch.from_numpy(np.stack(labels)[:, None]).float(),
+            torch.from_numpy(np.stack(fovs)[:, None]).float(),
+            list(augmentations) if self.augment else None,
+            self.patch_size,
+        )
+        return {"image": self.preprocessing.standardise(images), "label": labels, "fov": fovs.bool()}
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -344,6 +330,7 @@ class FundusDataModule(L.LightningDataModule):
             dataset,
             batch_size=hp.batch_size,
             sampler=EpochSampler(hp.patches_per_epoch, epoch, batches_done * hp.batch_size),
+            collate_fn=dataset.collate,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             drop_last=False,

@@ -258,10 +258,14 @@ def resize_probabilities(probs: torch.Tensor, size: Sequence[int]) -> torch.Tens
     return F.interpolate(probs.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def standardise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(..., 3, H, W) intensities in [0, 1], standardised per channel."""
+    return (x - torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)) / torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+
+
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, scaled to [0, 1] then standardised per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    return standardise(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255), mean, std)
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,10 @@ class Preprocessing:
 
     def normalize(self, image: np.ndarray) -> torch.Tensor:
         return normalize(image, self.mean, self.std)
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (..., 3, H, W) already scaled to [0, 1] (training batches), standardised."""
+        return standardise(x, self.mean, self.std)
 
     def tensor(self, photograph: np.ndarray) -> torch.Tensor:
         """(3, h, w) float32: the model's input for a photograph."""

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 
-from retinaseg.data.datamodule import AFFINE_SCALE
+from retinaseg.data.augment import AFFINE_SCALE
 from retinaseg.data.preprocess import estimate_fov
 from retinaseg.data.sample import Sample
 from retinaseg.inference.predictor import Predictor

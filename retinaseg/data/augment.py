@@ -1,0 +1,90 @@
+"""Training augmentation applied to whole batches as tensors: one affine warp per patch (flips, 90-degree rotations,
+a small zoom, rotation and shear) sampled in a single `grid_sample`, then brightness, contrast and gamma jitter.
+
+Each patch's parameters are drawn from the generator of its own index (PatchDataset), so a patch is the same in any
+worker and after a resume; only the arithmetic is batched. Per patch in albumentations this cost a drive_cpu step
+about 12% of its time on 2 CPU cores; batched it is a few milliseconds per batch (docs/speed.md).
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The affine warp's zoom range: the vessel widths (in pixels) a model sees in training span this much around the
+# training images' own (retinaseg.inference.quality checks a photograph's size against it).
+AFFINE_SCALE = (0.9, 1.1)
+AFFINE_ROTATION = 20.0  # degrees either way
+AFFINE_SHEAR = 5.0  # degrees either way, along each axis
+JITTER = 0.2  # brightness and contrast change, either way
+GAMMA = (0.8, 1.2)
+CHANCE = 0.5  # of each flip, of the affine warp and of each photometric change; the 90-degree turn is always drawn
+
+
+def context_size(patch_size: int) -> int:
+    """The side of the crop a patch is warped from: about 1.5 times the patch, so rotated corners stay inside real
+    pixels, with an even margin so the unwarped patch's pixel centres fall on the crop's (an exact copy)."""
+    return patch_size + 2 * math.ceil(patch_size / 4)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One patch's augmentation: `warp` (2x2) maps the patch's centred coordinates to the crop's (the inverse of the
+    flips, turn and affine the patch undergoes), and the photometric change x -> (x * contrast + brightness) ** gamma
+    on [0, 1] intensities."""
+
+    warp: np.ndarray
+    brightness: float = 0.0
+    contrast: float = 1.0
+    gamma: float = 1.0
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Augmentation":
+        """Flips, a turn by 0-3 quarters, the affine warp (zoom, rotation, shear) and the photometric jitter, each
+        drawn from `rng` in a fixed order."""
+        flip_x, flip_y = (-1.0 if rng.random() < CHANCE else 1.0 for _ in range(2))
+        forward = rotation(90.0 * int(rng.integers(4))) @ np.diag([flip_x, flip_y])
+        if rng.random() < CHANCE:
+            zoom = rng.uniform(*AFFINE_SCALE)
+            angle = rng.uniform(-AFFINE_ROTATION, AFFINE_ROTATION)
+            shear_x, shear_y = np.tan(np.radians(rng.uniform(-AFFINE_SHEAR, AFFINE_SHEAR, size=2)))
+            forward = rotation(angle) @ np.array([[1.0, shear_x], [shear_y, 1.0]]) @ np.diag([zoom, zoom]) @ forward
+        brightness, contrast = (rng.uniform(-JITTER, JITTER) if rng.random() < CHANCE else 0.0 for _ in range(2))
+        gamma = rng.uniform(*GAMMA) if rng.random() < CHANCE else 1.0
+        return cls(np.linalg.inv(forward), brightness, 1.0 + contrast, gamma)
+
+
+def rotation(degrees: float) -> np.ndarray:
+    radians = math.radians(degrees)
+    # Rounded so that quarter turns are exact permutations of pixels.
+    return np.round([[math.cos(radians), -math.sin(radians)], [math.sin(radians), math.cos(radians)]], 12)
+
+
+def augment_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    fovs: torch.Tensor,
+    augmentations: list[Augmentation] | None,
+    patch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patches of `patch_size` from the centres of the crops `images` (N, 3, C, C) in [0, 1], `labels` and `fovs`
+    (N, 1, C, C), each warped and jittered by its augmentation: images bilinear, labels and FOV masks nearest, borders
+    reflected. Without `augmentations` the centres are cut as they are."""
+    crop = images.shape[-1]
+    margin = (crop - patch_size) // 2
+    if augmentations is None:
+        window = (..., slice(margin, margin + patch_size), slice(margin, margin + patch_size))
+        return images[window], labels[window], fovs[window]
+    # affine_grid's coordinates run from -1 to 1 over the crop; the patch covers patch_size / crop of it.
+    warps = torch.as_tensor(np.stack([a.warp for a in augmentations]), dtype=images.dtype) * (patch_size / crop)
+    theta = torch.cat([warps, torch.zeros(len(warps), 2, 1, dtype=images.dtype)], dim=2).to(images.device)
+    grid = F.affine_grid(theta, [len(images), 1, patch_size, patch_size], align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    masks = torch.cat([labels, fovs], dim=1).to(images.dtype)
+    masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    jitter = torch.tensor([[a.contrast, a.brightness, a.gamma] for a in augmentations], dtype=images.dtype)
+    contrast, brightness, gamma = jitter.to(images.device)[:, :, None, None, None].unbind(1)
+    images = (images * contrast + brightness).clamp_(0, 1).pow_(gamma)
+    return images, masks[:, :1], masks[:, 1:]
