@@ -1,5 +1,5 @@
-"""`python -m retinaseg.package_model ckpt_path=<file.ckpt> folder=<folder>`: a trained checkpoint as a packaged
-model, the form of `retinaseg/pretrained/drive/`: its weights in safetensors (model.safetensors), and in
+"""`python -m retinaseg.package_model ckpt_path=<file.ckpt> folder=<folder> [min_size=N] [hysteresis=F]`: a trained
+checkpoint as a packaged model, the form of `retinaseg/pretrained/drive/`: its weights in safetensors (model.safetensors), and in
 model.json its model and data settings with the ranges of brightness, contrast, vessel density and FOV width over
 its training photographs (retinaseg.inference.quality), which predict checks each photograph against."""
 
@@ -39,7 +39,10 @@ def package_model(cfg: DictConfig) -> list[Path]:
             f"{checkpoint.path} is a plain state_dict, which does not record its training images: package a "
             "checkpoint written by `python -m retinaseg.train`."
         )
-    predictor = checkpoint.predictor(torch.device("cpu"))
+    # The binarisation given here, checked as the predictor checks it, becomes the packaged model's own.
+    predictor = checkpoint.predictor(torch.device("cpu"), hysteresis=cfg.hysteresis, min_size=cfg.min_size)
+    binarisation = {"hysteresis": predictor.binarisation.hysteresis, "min_size": predictor.binarisation.min_size}
+    checkpoint = dataclasses.replace(checkpoint, hyper_parameters={**checkpoint.hyper_parameters, **binarisation})
     own, _ = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
     data = FundusDataModule(**own)
     # All the photographs of its training split: those it trained on and those held out for validation.

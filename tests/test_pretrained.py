@@ -23,6 +23,7 @@ from helpers.commands import error_lines, run_entry_point
 from helpers.configs import TINY_SYNTHETIC, compose_config
 from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.sources.synthetic import synthetic_samples
+from retinaseg.inference.binarise import Binarisation
 from retinaseg.inference.quality import Range, References, assess
 from retinaseg.model import checkpoint as checkpoints
 from retinaseg.model.checkpoint import load_checkpoint
@@ -170,6 +171,20 @@ def test_a_packaged_checkpoint_predicts_as_the_checkpoint(packaged_tiny, tmp_pat
     (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(DataError, match="the files of pretrained:tiny, cannot be read .*reinstall retinaseg"):
         load_checkpoint("pretrained:tiny")
+
+
+def test_a_packaged_model_keeps_the_binarisation_it_is_given(tmp_path, monkeypatch):
+    ckpt = write_checkpoint(tmp_path / "tiny.ckpt", compose_config("train", TINY_SYNTHETIC, tmp_path))
+    monkeypatch.setattr(checkpoints, "PRETRAINED_DIR", tmp_path / "pretrained")
+    overrides = [f"ckpt_path={ckpt}", f"folder={tmp_path / 'pretrained' / 'tiny'}", "min_size=50", "hysteresis=0.7"]
+    package_model(compose_config("package_model", overrides, tmp_path))
+    packaged = load_checkpoint("pretrained:tiny").predictor(torch.device("cpu"))
+    assert packaged.binarisation == Binarisation(0.5, 0.7, 50)
+    # Unset, the checkpoint's own (none) is kept.
+    assert load_checkpoint(ckpt).predictor(torch.device("cpu")).binarisation.plain
+    with pytest.raises(ConfigError, match="min_size must be an integer >= 0"):
+        overrides = [f"ckpt_path={ckpt}", f"folder={tmp_path / 'other'}", "min_size=-1"]
+        package_model(compose_config("package_model", overrides, tmp_path))
 
 
 REFERENCE = References(

@@ -34,7 +34,8 @@ CLDICE_SMOOTH = 1.0  # the paper's code's
 
 def soft_erode(x: torch.Tensor) -> torch.Tensor:
     """Minimum over the 4-neighbourhood (a cross: the paper's erosion), per pixel of (N, C, H, W)."""
-    return torch.minimum(-F.max_pool2d(-x, (3, 1), 1, (1, 0)), -F.max_pool2d(-x, (1, 3), 1, (0, 1)))
+    negated = -x  # min(-max(-x), -max(-x)) is -max(max(-x), max(-x)): one negation each way instead of two
+    return -torch.maximum(F.max_pool2d(negated, (3, 1), 1, (1, 0)), F.max_pool2d(negated, (1, 3), 1, (0, 1)))
 
 
 def soft_dilate(x: torch.Tensor) -> torch.Tensor:
@@ -43,12 +44,17 @@ def soft_dilate(x: torch.Tensor) -> torch.Tensor:
 
 def soft_skeleton(x: torch.Tensor, iterations: int = SKELETON_ITERATIONS) -> torch.Tensor:
     """The soft skeleton of probabilities (N, C, H, W): what each erosion removes that an opening does not restore."""
+    # Pooling works plane by plane, so the N x C planes can be the channels of one channels-last image: torch's CPU
+    # kernel then runs across them in vector lanes. One single-channel plane at a time, each pooling took 9 times
+    # as long and the clDice term of a drive_cpu step (32 patches of 64 px) twice as long. The values are the same.
+    shape = x.shape
+    x = x.reshape(1, -1, *shape[-2:]).contiguous(memory_format=torch.channels_last)
     skeleton = F.relu(x - soft_dilate(soft_erode(x)))
     for _ in range(iterations):
         x = soft_erode(x)
         delta = F.relu(x - soft_dilate(soft_erode(x)))
         skeleton = skeleton + F.relu(delta - skeleton * delta)
-    return skeleton
+    return skeleton.contiguous().reshape(shape)
 
 
 def cldice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
