@@ -25,7 +25,8 @@ CHANCE = 0.5  # of each flip, of the affine warp and of each photometric change;
 
 def context_size(patch_size: int) -> int:
     """The side of the crop a patch is warped from: about 1.5 times the patch, so rotated corners stay inside real
-    pixels, with an even margin so the unwarped patch's pixel centres fall on the crop's (an exact copy)."""
+    pixels, with an even margin so that an unwarped patch's pixel centres fall on the crop's (a copy of its pixels,
+    to float rounding)."""
     return patch_size + 2 * math.ceil(patch_size / 4)
 
 
