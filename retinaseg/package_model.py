@@ -1,7 +1,8 @@
 """`python -m retinaseg.package_model ckpt_path=<file.ckpt> folder=<folder> [min_size=N] [hysteresis=F]`: a trained
-checkpoint as a packaged model, the form of `retinaseg/pretrained/drive/`: its weights in safetensors (model.safetensors), and in
-model.json its model and data settings with the ranges of brightness, contrast, vessel density and FOV width over
-its training photographs (retinaseg.inference.quality), which predict checks each photograph against."""
+checkpoint as a packaged model, the form of `retinaseg/pretrained/drive/`: its weights in safetensors
+(model.safetensors), and in model.json its model and data settings (with the binarisation given here, if any) and
+the ranges of brightness, contrast, vessel density and FOV width over its training photographs
+(retinaseg.inference.quality), which predict checks each photograph against."""
 
 import dataclasses
 import logging
