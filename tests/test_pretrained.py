@@ -182,6 +182,9 @@ def test_a_packaged_model_keeps_the_binarisation_it_is_given(tmp_path, monkeypat
     assert packaged.binarisation == Binarisation(0.5, 0.7, 50)
     # Unset, the checkpoint's own (none) is kept.
     assert load_checkpoint(ckpt).predictor(torch.device("cpu")).binarisation.plain
+    unset = [f"ckpt_path={ckpt}", f"folder={tmp_path / 'pretrained' / 'unset'}"]
+    package_model(compose_config("package_model", unset, tmp_path))
+    assert load_checkpoint("pretrained:unset").predictor(torch.device("cpu")).binarisation.plain
     with pytest.raises(ConfigError, match="min_size must be an integer >= 0"):
         overrides = [f"ckpt_path={ckpt}", f"folder={tmp_path / 'other'}", "min_size=-1"]
         package_model(compose_config("package_model", overrides, tmp_path))

@@ -37,8 +37,7 @@ def fastest_precision() -> str:
 def compile_gains(device: torch.device) -> bool:
     """Whether `model.compile=auto` compiles the network on `device`: on CUDA GPUs (not measured in this project yet);
     not on CPUs, where drive_cpu's compiled step ran at 0.44x-0.92x of the eager one on a shared 2-core AVX-512
-    BF16 CPU and at 1.11x on the same CPU idle, before the compile time (docs/speed.md): a gain only while nothing
-    else runs."""
+    BF16 CPU and at 0.81x-1.11x on the same CPU idle, before the compile time (docs/speed.md): no dependable gain."""
     return device.type == "cuda"
 
 
