@@ -4,7 +4,8 @@ Training: patches per second of our Lightning training step (VesselSegmentationM
 and compiled (model.compile), channels_last and contiguous, against a plain PyTorch loop written like the original
 notebook (no Lightning, no channels_last), on the same model size, patches, batch size and data, at float32 and
 at our default precision; the seconds the first steps took beyond the others (the compilation), the share of
-the step spent waiting for data, and the training loader's patches per second alone. Inference:
+the step spent waiting for data, and the training data's patches per second alone (the loader's on the CPU,
+and finishing the batches on the training device). Inference:
 seconds per whole DRIVE test image for each inference mode, and for each backend and precision
 (retinaseg.inference.backends.on_backend). Prints tables and writes JSON, with the CPU's flags.
 """
@@ -123,8 +124,16 @@ def benchmark(cfg: DictConfig) -> dict:
         # Against today's default training step: eager, the configured model.channels_last, same precision.
         eager = best.get(Variant("lightning", row["precision"], cfg.model.channels_last, False))
         row["speedup_vs_eager"] = eager / row["seconds"] if eager and row["loop"] == "lightning" else None
-    data_s = data_seconds(cfg, datamodule) if cfg.data_batches else None
-    data = {"seconds_per_batch": data_s, "patches_per_s": cfg.data.batch_size / data_s} if data_s else None
+    data = None
+    if cfg.data_batches:
+        data_s = data_seconds(cfg, datamodule, device)
+        data = {
+            "device": device.type,
+            "seconds_per_batch": data_s.total,
+            "patches_per_s": cfg.data.batch_size / data_s.total,
+            "loader_patches_per_s": cfg.data.batch_size / data_s.loader,
+            "finishing_patches_per_s": cfg.data.batch_size / data_s.finishing,
+        }
     inference = [
         {
             "mode": mode,

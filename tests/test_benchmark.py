@@ -27,7 +27,10 @@ def test_benchmark_measures_every_variant(tmp_path):
     lightning = [row for row in result["training"] if row["loop"] == "lightning"]
     assert all(row["speedup_vs_eager"] > 0 and 0 <= row["waiting_share"] < 1 for row in lightning)
     assert all(row["speedup_vs_eager"] == 1 for row in lightning if row["channels_last"])
-    assert result["data"]["patches_per_s"] > 0 and "training data alone" in table(result)
+    data = result["data"]
+    assert data["patches_per_s"] > 0 and "training data alone" in table(result) and data["device"] == "cpu"
+    # The two parts, each alone, are faster than both together.
+    assert min(data["loader_patches_per_s"], data["finishing_patches_per_s"]) > data["patches_per_s"]
     assert [row["mode"] for row in result["inference"]] == ["whole", "sliding"]
     assert all(row["seconds_per_image"] > 0 for row in result["inference"])
     assert "lightning" in table(result) and "sliding" in table(result)

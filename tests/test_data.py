@@ -9,6 +9,7 @@ from retinaseg.core.errors import ConfigError, DataError
 from retinaseg.data.datamodule import EpochSampler, FundusDataModule, PatchDataset
 from retinaseg.data.preprocess import Preprocessing, equalize_contrast
 from retinaseg.data.sources.synthetic import synthetic_samples
+from retinaseg.model.module import VesselSegmentationModule
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +68,35 @@ def test_patches_are_centred_in_the_fov_and_deterministic():
         s.image[...] = 0
         s.image[s.fov] = 255  # a patch's centre pixel is white exactly when it lies in the FOV
     dataset = PatchDataset(samples, patch_size=16, preprocessing=Preprocessing(), augment=False, seed=3, length=50)
-    batch = dataset.collate([dataset[k] for k in range(50)])
+    batch = dataset.collate([dataset[k] for k in range(50)]).finish()
     assert batch["image"].shape == (50, 3, 16, 16) and batch["label"].shape == batch["fov"].shape == (50, 1, 16, 16)
     assert batch["fov"][:, 0, 8, 8].all() and (batch["image"][:, 0, 8, 8] == 1.0).all()
     augmented = PatchDataset(samples, 16, Preprocessing(), augment=True, seed=3, length=5)
     again = PatchDataset(samples, 16, Preprocessing(), augment=True, seed=3, length=5)
-    first, second = (patches.collate([patches[k] for k in range(5)]) for patches in (augmented, again))
+    first, second = (patches.collate([patches[k] for k in range(5)]).finish() for patches in (augmented, again))
     assert all(torch.equal(first[key], second[key]) for key in ("image", "label", "fov"))
     # A patch depends on its own index only, not on the batch it is drawn in.
-    alone = augmented.collate([augmented[3]])
+    alone = augmented.collate([augmented[3]]).finish()
     assert torch.allclose(alone["image"][0], first["image"][3], atol=1e-6)
     assert torch.equal(alone["label"][0], first["label"][3])
+
+
+def test_training_batches_are_finished_after_their_transfer():
+    samples = synthetic_samples(2, seed=5, height=80, width=80)
+    dataset = PatchDataset(samples, 16, Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), seed=3, length=4)
+    batch = dataset.collate([dataset[k] for k in range(4)])
+    # The loader hands over uint8 crops with room for the warp; Lightning moves every tensor with `to`.
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 24, 24)
+    moved = batch.to("meta")
+    assert all(getattr(moved, name).is_meta for name in ("images", "labels", "fovs", "warps", "jitter"))
+    # The module finishes a training batch after the transfer and passes whole images on as they are.
+    module = VesselSegmentationModule(base_channels=4, depth=2)
+    finished = module.on_after_batch_transfer(batch, 0)
+    expected = batch.finish()
+    assert finished["image"].shape == (4, 3, 16, 16)
+    assert all(torch.equal(finished[key], expected[key]) for key in ("image", "label", "fov"))
+    whole = {"image": torch.zeros(1, 3, 8, 8)}
+    assert module.on_after_batch_transfer(whole, 0) is whole
 
 
 def test_each_epoch_draws_new_patch_indices():

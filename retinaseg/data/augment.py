@@ -2,16 +2,20 @@
 a small zoom, rotation and shear) sampled in a single `grid_sample`, then brightness, contrast and gamma jitter.
 
 Each patch's parameters are drawn from the generator of its own index (PatchDataset), so a patch is the same in any
-worker and after a resume; only the arithmetic is batched. Per patch in albumentations this cost a drive_cpu step
-about 12% of its time on 2 CPU cores; batched it is a few milliseconds per batch (docs/speed.md).
+worker and after a resume; only the arithmetic is batched. The loader hands over a PatchBatch (the uint8 crops and the
+drawn parameters), and the warps run after the batch's transfer, on the training device: per patch in albumentations
+this cost a drive_cpu step about 12% of its time on 2 CPU cores; batched it is a few milliseconds per batch on the
+CPU (docs/speed.md), and on a GPU it leaves the loader only the crops to cut.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from retinaseg.data.preprocess import standardise
 
 # The affine warp's zoom range: the vessel widths (in pixels) a model sees in training span this much around the
 # training images' own (retinaseg.inference.quality checks a photograph's size against it).
@@ -63,29 +67,67 @@ def rotation(degrees: float) -> np.ndarray:
     return np.round([[math.cos(radians), -math.sin(radians)], [math.sin(radians), math.cos(radians)]], 12)
 
 
+def stack(augmentations: list[Augmentation]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's augmentations as tensors: the warps (N, 2, 2) and the photometric changes (N, 3: contrast,
+    brightness, gamma), float32."""
+    warps = torch.as_tensor(np.stack([a.warp for a in augmentations]), dtype=torch.float32)
+    jitter = torch.tensor([[a.contrast, a.brightness, a.gamma] for a in augmentations], dtype=torch.float32)
+    return warps, jitter
+
+
 def augment_batch(
     images: torch.Tensor,
     labels: torch.Tensor,
     fovs: torch.Tensor,
-    augmentations: list[Augmentation] | None,
     patch_size: int,
+    warps: torch.Tensor | None = None,
+    jitter: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Patches of `patch_size` from the centres of the crops `images` (N, 3, C, C) in [0, 1], `labels` and `fovs`
-    (N, 1, C, C), each warped and jittered by its augmentation: images bilinear, labels and FOV masks nearest, borders
-    reflected. Without `augmentations` the centres are cut as they are."""
+    (N, 1, C, C), each warped by its `warps` and jittered by its `jitter` (`stack`), on the crops' device: images
+    bilinear, labels and FOV masks nearest, borders reflected. Without `warps` the centres are cut as they are."""
     crop = images.shape[-1]
     margin = (crop - patch_size) // 2
-    if augmentations is None:
+    if warps is None:
         window = (..., slice(margin, margin + patch_size), slice(margin, margin + patch_size))
         return images[window], labels[window], fovs[window]
     # affine_grid's coordinates run from -1 to 1 over the crop; the patch covers patch_size / crop of it.
-    warps = torch.as_tensor(np.stack([a.warp for a in augmentations]), dtype=images.dtype) * (patch_size / crop)
-    theta = torch.cat([warps, torch.zeros(len(warps), 2, 1, dtype=images.dtype)], dim=2).to(images.device)
+    warps = warps.to(images.dtype) * (patch_size / crop)
+    theta = torch.cat([warps, warps.new_zeros(len(warps), 2, 1)], dim=2)
     grid = F.affine_grid(theta, [len(images), 1, patch_size, patch_size], align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     masks = torch.cat([labels, fovs], dim=1).to(images.dtype)
     masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="reflection", align_corners=False)
-    jitter = torch.tensor([[a.contrast, a.brightness, a.gamma] for a in augmentations], dtype=images.dtype)
-    contrast, brightness, gamma = jitter.to(images.device)[:, :, None, None, None].unbind(1)
+    contrast, brightness, gamma = jitter.to(images.dtype)[:, :, None, None, None].unbind(1)
     images = (images * contrast + brightness).clamp_(0, 1).pow_(gamma)
     return images, masks[:, :1], masks[:, 1:]
+
+
+@dataclass(frozen=True)
+class PatchBatch:
+    """A batch of training patches as the loader hands it over: the uint8 crops around the patches and each patch's
+    drawn augmentation (`stack`; None without augmentation). `finish` turns it into the batch the model trains on,
+    on whatever device the tensors are: the LightningModule calls it after Lightning has moved the batch to the
+    training device, so that on a GPU the warps run there."""
+
+    images: torch.Tensor  # (N, 3, C, C) uint8
+    labels: torch.Tensor  # (N, 1, C, C) uint8
+    fovs: torch.Tensor  # (N, 1, C, C) uint8
+    warps: torch.Tensor | None
+    jitter: torch.Tensor | None
+    patch_size: int
+    mean: tuple[float, ...]  # the standardisation (data.mean, data.std), applied after the jitter
+    std: tuple[float, ...]
+
+    def to(self, device: torch.device | str) -> "PatchBatch":
+        """The batch with its tensors on `device` (how Lightning moves a batch that has a `to`)."""
+        tensors = ("images", "labels", "fovs", "warps", "jitter")
+        return replace(self, **{name: None if (t := getattr(self, name)) is None else t.to(device) for name in tensors})
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The batch the model trains on: "image" (N, 3, P, P) standardised, "label" (N, 1, P, P) float, "fov"
+        (N, 1, P, P) bool, each patch warped, cut and jittered (`augment_batch`)."""
+        images = self.images.float().div_(255)
+        labels, fovs = self.labels.float(), self.fovs.float()
+        images, labels, fovs = augment_batch(images, labels, fovs, self.patch_size, self.warps, self.jitter)
+        return {"image": standardise(images, self.mean, self.std), "label": labels, "fov": fovs.bool()}

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from retinaseg.core.errors import ConfigError, DataError, check_bool, check_choice, check_int, check_number
 from retinaseg.data import sources, splits
-from retinaseg.data.augment import Augmentation, augment_batch, context_size
+from retinaseg.data.augment import Augmentation, PatchBatch, context_size, stack
 from retinaseg.data.preprocess import Preprocessing
 from retinaseg.data.sample import Sample
 
@@ -42,7 +42,8 @@ class PatchDataset(Dataset):
     centre, zero-padded where the patch is larger: the seed's whole-image training.
 
     An item is the patch's crop as stored (uint8, with room around the patch for the warp when `augment`) and its
-    drawn Augmentation; `collate` warps, cuts and normalises a whole batch of them at once (retinaseg.data.augment).
+    drawn Augmentation; `collate` stacks them into a PatchBatch, which is warped, cut and standardised as a whole on
+    the training device (retinaseg.data.augment).
     """
 
     def __init__(
@@ -95,18 +96,19 @@ class PatchDataset(Dataset):
         augmentation = Augmentation.draw(rng) if self.augment else None
         return self.images[i][(slice(None), *window)], self.labels[i][window], self.fovs[i][window], augmentation
 
-    def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
-        """The batch of `items`: "image" (N, 3, P, P) normalised, "label" (N, 1, P, P) float, "fov" (N, 1, P, P)
-        bool, each patch augmented."""
+    def collate(self, items: list[tuple]) -> PatchBatch:
+        """The batch of `items`: their crops and augmentations, warped and cut when it is finished
+        (PatchBatch.finish, on the training device)."""
         images, labels, fovs, augmentations = zip(*items)
-        images, labels, fovs = augment_batch(
-            torch.from_numpy(np.stack(images)).float().div_(255),
-            torch.from_numpy(np.stack(labels)[:, None]).float(),
-            torch.from_numpy(np.stack(fovs)[:, None]).float(),
-            list(augmentations) if self.augment else None,
+        return PatchBatch(
+            torch.from_numpy(np.stack(images)),
+            torch.from_numpy(np.stack(labels)[:, None]),
+            torch.from_numpy(np.stack(fovs)[:, None]),
+            *(stack(augmentations) if self.augment else (None, None)),
             self.patch_size,
+            self.preprocessing.mean,
+            self.preprocessing.std,
         )
-        return {"image": self.preprocessing.standardise(images), "label": labels, "fov": fovs.bool()}
 
 
 def rank_and_world_size() -> tuple[int, int]:

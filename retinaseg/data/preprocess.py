@@ -260,7 +260,8 @@ def resize_probabilities(probs: torch.Tensor, size: Sequence[int]) -> torch.Tens
 
 def standardise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(..., 3, H, W) intensities in [0, 1], standardised per channel."""
-    return (x - torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)) / torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1) for v in (mean, std))
+    return (x - mean) / std
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

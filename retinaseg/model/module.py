@@ -8,6 +8,7 @@ import torch
 
 from retinaseg.core.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from retinaseg.core.machine import compile_gains
+from retinaseg.data.augment import PatchBatch
 from retinaseg.inference.backends import Runtime
 from retinaseg.inference.binarise import Binarisation
 from retinaseg.inference.predictor import Predictor
@@ -94,6 +95,12 @@ class VesselSegmentationModule(L.LightningModule):
         """How validation and test turn whole preprocessed images into probabilities and masks: this module (under
         the Trainer's precision), its inference settings and binarisation."""
         return Predictor(Runtime("torch", "the trainer's", self), self.inference, self.binarisation, net=self.net)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Training patches arrive as uint8 crops and their drawn augmentations, and are warped and cut here, on the
+        # training device; whole validation and test images arrive ready. A hook of the module, not the
+        # datamodule, so that every Trainer sees it, also those given a loader alone (calibration, benchmark).
+        return batch.finish() if isinstance(batch, PatchBatch) else batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])

@@ -55,7 +55,8 @@ def plain_loop(cfg: DictConfig, loader, precision: str, device: torch.device) ->
     for step, batch in enumerate(_batches(loader, cfg.warmup_steps + cfg.steps)):
         if step == cfg.warmup_steps:
             start = time.perf_counter()
-        x, y = batch["image"].to(device), batch["label"].to(device)
+        batch = batch.to(device).finish()  # as our module's on_after_batch_transfer does
+        x, y = batch["image"], batch["label"]
         optimizer.zero_grad()
         with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision in AUTOCAST):
             y_pred = model(x)
@@ -95,15 +96,34 @@ def lightning_loop(cfg: DictConfig, datamodule, variant: Variant) -> StepTimer:
     return timer
 
 
-def data_seconds(cfg: DictConfig, datamodule) -> float:
-    """Seconds per batch of the training loader alone (cutting, augmenting and batching patches), over
-    cfg.data_batches batches after one."""
+@dataclass(frozen=True)
+class DataSeconds:
+    """Seconds per batch of the training data alone: the loader's (cutting and stacking the crops and drawing the
+    augmentations, on the CPU) and finishing the batches on the training device (moving, warping, cutting and
+    standardising: retinaseg.data.augment.PatchBatch)."""
+
+    loader: float
+    finishing: float
+
+    @property
+    def total(self) -> float:
+        return self.loader + self.finishing
+
+
+def data_seconds(cfg: DictConfig, datamodule, device: torch.device) -> DataSeconds:
+    """The training data's seconds per batch on `device`, over cfg.data_batches batches after one."""
     batches = _batches(datamodule.train_dataloader(), cfg.data_batches + 1)
-    next(batches)  # the workers' start, where data.num_workers > 0
-    start = time.perf_counter()
-    for _ in batches:
-        pass
-    return (time.perf_counter() - start) / cfg.data_batches
+    next(batches).to(device).finish()  # the workers' start, where data.num_workers > 0, and the device's
+    loader = finishing = 0.0
+    for _ in range(cfg.data_batches):
+        start = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        batch.to(device).finish()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        loader, finishing = loader + fetched - start, finishing + time.perf_counter() - fetched
+    return DataSeconds(loader / cfg.data_batches, finishing / cfg.data_batches)
 
 
 def inference_seconds(cfg: DictConfig, datamodule, mode: str, precision: str, device: torch.device) -> float:
@@ -215,7 +235,11 @@ def table(result: dict) -> str:
             f"   {first:>13}   {share:>16}"
         )
     if result["data"]:
-        lines.append(f"training data alone: {result['data']['patches_per_s']:.0f} patches/s")
+        data = result["data"]
+        lines.append(
+            f"training data alone: {data['patches_per_s']:.0f} patches/s (the loader on the CPU "
+            f"{data['loader_patches_per_s']:.0f}, finishing on the {data['device']} {data['finishing_patches_per_s']:.0f})"
+        )
     if result["inference"]:
         lines.append("inference  precision    s/image     s/20 images")
     for row in result["inference"]:
