@@ -121,6 +121,9 @@ def test_soft_skeleton_of_a_thick_line_is_thin():
     # One row thick along the bar's middle (the ends taper), far fewer pixels than the 140 of the bar.
     rows = (skeleton[0, 0] > 0.5).any(dim=1).nonzero().flatten().tolist()
     assert rows == [15] and 10 <= int((skeleton > 0.5).sum()) <= 20
+    # k iterations (model.cldice_iterations) skeletonise vessels up to 2k + 1 pixels wide: 3 reach the middle of the
+    # 7-pixel bar, 2 leave it no skeleton at all.
+    assert torch.equal(soft_skeleton(bar, 3), skeleton) and float(soft_skeleton(bar, 2).max()) < 0.5
 
 
 def test_cldice_loss_is_zero_for_a_perfect_prediction_and_differentiable():
@@ -137,3 +140,6 @@ def test_cldice_loss_is_zero_for_a_perfect_prediction_and_differentiable():
     assert float(cldice_loss((broken * 2 - 1) * 50, target)) > float(cldice_loss((thinned * 2 - 1) * 50, target))
     dice_bce = SegmentationLoss("dice_bce")(logits, target)
     torch.testing.assert_close(loss, dice_bce + 0.5 * cldice_loss(logits, target))
+    shallow = SegmentationLoss("dice_bce_cldice", cldice_weight=0.5, cldice_iterations=1)(logits, target)
+    torch.testing.assert_close(shallow, dice_bce + 0.5 * cldice_loss(logits, target, iterations=1))
+    assert abs(float(shallow - loss)) > 1e-3

@@ -62,34 +62,38 @@ def soft_skeleton(x: torch.Tensor, iterations: int = SKELETON_ITERATIONS) -> tor
     return skeleton.contiguous().reshape(shape)
 
 
-def cldice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def cldice_loss(logits: torch.Tensor, target: torch.Tensor, iterations: int = SKELETON_ITERATIONS) -> torch.Tensor:
     """1 - soft clDice: the harmonic mean of the predicted skeleton's share inside the label (topology precision)
-    and the label skeleton's share inside the prediction (topology sensitivity), over the batch."""
+    and the label skeleton's share inside the prediction (topology sensitivity), over the batch; skeletons of
+    `iterations`."""
     probs, target = torch.sigmoid(logits.float()), target.float()
-    skeleton = soft_skeleton(probs)
+    skeleton = soft_skeleton(probs, iterations)
     precision = ((skeleton * target).sum() + CLDICE_SMOOTH) / (skeleton.sum() + CLDICE_SMOOTH)
-    label_skeleton = soft_skeleton(target)
+    label_skeleton = soft_skeleton(target, iterations)
     sensitivity = ((label_skeleton * probs).sum() + CLDICE_SMOOTH) / (label_skeleton.sum() + CLDICE_SMOOTH)
     return 1 - 2 * precision * sensitivity / (precision + sensitivity)
 
 
-def dice_bce_cldice_loss(logits: torch.Tensor, target: torch.Tensor, cldice_weight: float = 0.5) -> torch.Tensor:
-    return dice_bce_loss(logits, target) + cldice_weight * cldice_loss(logits, target)
+def dice_bce_cldice_loss(
+    logits: torch.Tensor, target: torch.Tensor, cldice_weight: float = 0.5, iterations: int = SKELETON_ITERATIONS
+) -> torch.Tensor:
+    return dice_bce_loss(logits, target) + cldice_weight * cldice_loss(logits, target, iterations)
 
 
 LOSSES = {"dice": dice_loss, "bce": bce_loss, "dice_bce": dice_bce_loss, "dice_bce_cldice": dice_bce_cldice_loss}
 
 
 class SegmentationLoss(nn.Module):
-    """Picks a loss by name (`model.loss` in the config); `cldice_weight` weighs dice_bce_cldice's clDice term."""
+    """Picks a loss by name (`model.loss` in the config); `cldice_weight` weighs dice_bce_cldice's clDice term, whose
+    soft skeletons take `cldice_iterations`."""
 
-    def __init__(self, name: str = "dice", cldice_weight: float = 0.5):
+    def __init__(self, name: str = "dice", cldice_weight: float = 0.5, cldice_iterations: int = SKELETON_ITERATIONS):
         super().__init__()
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
         self.name = name
         self.fn = (
-            functools.partial(dice_bce_cldice_loss, cldice_weight=cldice_weight)
+            functools.partial(dice_bce_cldice_loss, cldice_weight=cldice_weight, iterations=cldice_iterations)
             if name == "dice_bce_cldice"
             else LOSSES[name]
         )

@@ -13,7 +13,7 @@ from retinaseg.inference.backends import Runtime
 from retinaseg.inference.binarise import Binarisation
 from retinaseg.inference.predictor import Predictor
 from retinaseg.inference.settings import InferenceSettings
-from retinaseg.model.losses import LOSSES, SegmentationLoss
+from retinaseg.model.losses import LOSSES, SKELETON_ITERATIONS, SegmentationLoss
 from retinaseg.model.metrics import FOVMetrics
 from retinaseg.model.unet import UNet, rename_legacy_keys
 
@@ -37,6 +37,7 @@ class VesselSegmentationModule(L.LightningModule):
         depth: int = 4,
         loss: str = "dice",
         cldice_weight: float = 0.5,
+        cldice_iterations: int = SKELETON_ITERATIONS,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         scheduler: str | None = None,
@@ -53,6 +54,7 @@ class VesselSegmentationModule(L.LightningModule):
             check_int(f"model.{name}", value, minimum=1)
         check_choice("model.loss", loss, LOSSES)
         check_number("model.cldice_weight", cldice_weight, 0)
+        check_int("model.cldice_iterations", cldice_iterations, minimum=0)
         check_number("model.lr", lr, 0, include_minimum=False)
         check_number("model.weight_decay", weight_decay, 0)
         check_choice("model.scheduler", scheduler, SCHEDULERS)
@@ -66,7 +68,7 @@ class VesselSegmentationModule(L.LightningModule):
         self.compiled = False  # whether configure_model compiled the net (model.compile)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        self.loss = SegmentationLoss(loss, cldice_weight)
+        self.loss = SegmentationLoss(loss, cldice_weight, cldice_iterations)
         self.train_metrics = FOVMetrics(threshold, with_auc=False, prefix="train/")
         self.val_metrics = FOVMetrics(threshold, prefix="val/")
         self.test_metrics = FOVMetrics(threshold, prefix="test/")

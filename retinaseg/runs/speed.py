@@ -50,7 +50,7 @@ def plain_loop(cfg: DictConfig, loader, precision: str, device: torch.device) ->
     torch.manual_seed(cfg.seed)
     model = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
-    loss_fn = SegmentationLoss(cfg.model.loss, cfg.model.cldice_weight)
+    loss_fn = SegmentationLoss(cfg.model.loss, cfg.model.cldice_weight, cfg.model.cldice_iterations)
     model.train()
     for step, batch in enumerate(_batches(loader, cfg.warmup_steps + cfg.steps)):
         if step == cfg.warmup_steps:
