@@ -5,7 +5,7 @@ Each patch's parameters are drawn from the generator of its own index (PatchData
 worker and after a resume; only the arithmetic is batched. The loader hands over a PatchBatch (the uint8 crops and the
 drawn parameters), and the warps run after the batch's transfer, on the training device: per patch in albumentations
 this cost a drive_cpu step about 12% of its time on 2 CPU cores; batched it is a few milliseconds per batch on the
-CPU (docs/speed.md), and on a GPU it leaves the loader only the crops to cut.
+CPU (docs/speed.md), and on a GPU it leaves the loader only cutting the crops and drawing the parameters.
 """
 
 import math
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retinaseg.data.preprocess import standardise
+from retinaseg.data.preprocess import Preprocessing
 
 # The affine warp's zoom range: the vessel widths (in pixels) a model sees in training span this much around the
 # training images' own (retinaseg.inference.quality checks a photograph's size against it).
@@ -116,8 +116,7 @@ class PatchBatch:
     warps: torch.Tensor | None
     jitter: torch.Tensor | None
     patch_size: int
-    mean: tuple[float, ...]  # the standardisation (data.mean, data.std), applied after the jitter
-    std: tuple[float, ...]
+    preprocessing: Preprocessing  # whose standardisation follows the jitter
 
     def to(self, device: torch.device | str) -> "PatchBatch":
         """The batch with its tensors on `device` (how Lightning moves a batch that has a `to`)."""
@@ -130,4 +129,4 @@ class PatchBatch:
         images = self.images.float().div_(255)
         labels, fovs = self.labels.float(), self.fovs.float()
         images, labels, fovs = augment_batch(images, labels, fovs, self.patch_size, self.warps, self.jitter)
-        return {"image": standardise(images, self.mean, self.std), "label": labels, "fov": fovs.bool()}
+        return {"image": self.preprocessing.standardise(images), "label": labels, "fov": fovs.bool()}

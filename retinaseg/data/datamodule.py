@@ -106,8 +106,7 @@ class PatchDataset(Dataset):
             torch.from_numpy(np.stack(fovs)[:, None]),
             *(stack(augmentations) if self.augment else (None, None)),
             self.patch_size,
-            self.preprocessing.mean,
-            self.preprocessing.std,
+            self.preprocessing,
         )
 
 
