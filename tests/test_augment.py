@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from retinaseg.data.augment import AFFINE_SCALE, Augmentation, augment_batch, context_size, rotation, stack
+from retinaseg.data.augment import (
+    AFFINE_SCALE,
+    Augmentation,
+    augment_batch,
+    augmentation_tensors,
+    context_size,
+    rotation,
+)
 
 
 def crop_batch(n: int, crop: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,7 +42,9 @@ def test_flips_and_quarter_turns_move_whole_pixels(forward, expected):
     patch_size, crop = 16, context_size(16)
     images, labels, fovs = crop_batch(2, crop)
     augmentations = [Augmentation(np.linalg.inv(forward))] * 2
-    out_images, out_labels, out_fovs = augment_batch(images, labels, fovs, patch_size, *stack(augmentations))
+    out_images, out_labels, out_fovs = augment_batch(
+        images, labels, fovs, patch_size, *augmentation_tensors(augmentations)
+    )
     margin = (crop - patch_size) // 2
     centre = (..., slice(margin, margin + patch_size), slice(margin, margin + patch_size))
     assert torch.allclose(out_images, expected(images[centre]), atol=1e-5)
@@ -62,7 +71,7 @@ def test_labels_stay_on_their_vessels_under_any_warp():
     # Photometric change off, so the bright level stays 1.
     augmentations = [Augmentation(a.warp) for a in augmentations]
     images, out_labels, _ = augment_batch(
-        labels.repeat(1, 3, 1, 1), labels, labels.clone(), patch_size, *stack(augmentations)
+        labels.repeat(1, 3, 1, 1), labels, labels.clone(), patch_size, *augmentation_tensors(augmentations)
     )
     agreement = ((images[:, :1] > 0.5) == (out_labels > 0.5)).float().mean()
     assert agreement > 0.98
@@ -72,12 +81,18 @@ def test_labels_stay_on_their_vessels_under_any_warp():
 def test_photometric_change_is_contrast_brightness_then_gamma():
     images = torch.full((1, 3, 20, 20), 0.5)
     augmentation = Augmentation(np.eye(2), brightness=0.1, contrast=1.2, gamma=0.8)
-    out, _, _ = augment_batch(images, torch.zeros(1, 1, 20, 20), torch.ones(1, 1, 20, 20), 12, *stack([augmentation]))
+    out, _, _ = augment_batch(
+        images, torch.zeros(1, 1, 20, 20), torch.ones(1, 1, 20, 20), 12, *augmentation_tensors([augmentation])
+    )
     assert torch.allclose(out, torch.full_like(out, (0.5 * 1.2 + 0.1) ** 0.8))
     # Clipped to [0, 1] before the gamma.
     bright = Augmentation(np.eye(2), brightness=0.2, contrast=1.2)
     out, _, _ = augment_batch(
-        torch.ones(1, 3, 20, 20), torch.zeros(1, 1, 20, 20), torch.ones(1, 1, 20, 20), 12, *stack([bright])
+        torch.ones(1, 3, 20, 20),
+        torch.zeros(1, 1, 20, 20),
+        torch.ones(1, 1, 20, 20),
+        12,
+        *augmentation_tensors([bright]),
     )
     assert torch.equal(out, torch.ones_like(out))
 

@@ -9,7 +9,7 @@ CPU (docs/speed.md), and on a GPU it leaves the loader only cutting the crops an
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def rotation(degrees: float) -> np.ndarray:
     return np.round([[math.cos(radians), -math.sin(radians)], [math.sin(radians), math.cos(radians)]], 12)
 
 
-def stack(augmentations: list[Augmentation]) -> tuple[torch.Tensor, torch.Tensor]:
+def augmentation_tensors(augmentations: list[Augmentation]) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's augmentations as tensors: the warps (N, 2, 2) and the photometric changes (N, 3: contrast,
     brightness, gamma), float32."""
     warps = torch.as_tensor(np.stack([a.warp for a in augmentations]), dtype=torch.float32)
@@ -84,7 +84,7 @@ def augment_batch(
     jitter: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Patches of `patch_size` from the centres of the crops `images` (N, 3, C, C) in [0, 1], `labels` and `fovs`
-    (N, 1, C, C), each warped by its `warps` and jittered by its `jitter` (`stack`), on the crops' device: images
+    (N, 1, C, C), each warped by its `warps` and jittered by its `jitter` (`augmentation_tensors`), on the crops' device: images
     bilinear, labels and FOV masks nearest, borders reflected. Without `warps` the centres are cut as they are."""
     crop = images.shape[-1]
     margin = (crop - patch_size) // 2
@@ -106,7 +106,7 @@ def augment_batch(
 @dataclass(frozen=True)
 class PatchBatch:
     """A batch of training patches as the loader hands it over: the uint8 crops around the patches and each patch's
-    drawn augmentation (`stack`; None without augmentation). `finish` turns it into the batch the model trains on,
+    drawn augmentation (`augmentation_tensors`; None without augmentation). `finish` turns it into the batch the model trains on,
     on whatever device the tensors are: the LightningModule calls it after Lightning has moved the batch to the
     training device, so that on a GPU the warps run there."""
 
@@ -120,8 +120,8 @@ class PatchBatch:
 
     def to(self, device: torch.device | str) -> "PatchBatch":
         """The batch with its tensors on `device` (how Lightning moves a batch that has a `to`)."""
-        tensors = ("images", "labels", "fovs", "warps", "jitter")
-        return replace(self, **{name: None if (t := getattr(self, name)) is None else t.to(device) for name in tensors})
+        moved = {f.name: value.to(device) for f in fields(self) if torch.is_tensor(value := getattr(self, f.name))}
+        return replace(self, **moved)
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The batch the model trains on: "image" (N, 3, P, P) standardised, "label" (N, 1, P, P) float, "fov"

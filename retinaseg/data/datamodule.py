@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from retinaseg.core.errors import ConfigError, DataError, check_bool, check_choice, check_int, check_number
 from retinaseg.data import sources, splits
-from retinaseg.data.augment import Augmentation, PatchBatch, context_size, stack
+from retinaseg.data.augment import Augmentation, PatchBatch, augmentation_tensors, context_size
 from retinaseg.data.preprocess import Preprocessing
 from retinaseg.data.sample import Sample
 
@@ -104,7 +104,7 @@ class PatchDataset(Dataset):
             torch.from_numpy(np.stack(images)),
             torch.from_numpy(np.stack(labels)[:, None]),
             torch.from_numpy(np.stack(fovs)[:, None]),
-            *(stack(augmentations) if self.augment else (None, None)),
+            *(augmentation_tensors(augmentations) if self.augment else (None, None)),
             self.patch_size,
             self.preprocessing,
         )
