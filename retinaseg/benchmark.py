@@ -4,8 +4,9 @@ Training: patches per second of our Lightning training step (VesselSegmentationM
 and compiled (model.compile), channels_last and contiguous, against a plain PyTorch loop written like the original
 notebook (no Lightning, no channels_last), on the same model size, patches, batch size and data, at float32 and
 at our default precision; the seconds the first steps took beyond the others (the compilation), the share of
-the step spent waiting for data, and the training data's patches per second alone (the loader's on the CPU,
-and finishing the batches on the training device). Inference:
+the step spent waiting for data, the rate of each step's arithmetic against a large matrix product's at the same
+precision on the same device, and the training data's patches per second alone (the loader's on the CPU, and
+finishing the batches on the training device). Inference:
 seconds per whole DRIVE test image for each inference mode, and for each backend and precision
 (retinaseg.inference.backends.on_backend). Prints tables and writes JSON, with the CPU's flags.
 """
@@ -35,8 +36,10 @@ from retinaseg.runs.speed import (
     data_seconds,
     inference_seconds,
     lightning_loop,
+    matmul_flops_per_s,
     openvino_version,
     plain_loop,
+    step_flops,
     table,
 )
 from retinaseg.tracking.reports import log_benchmark
@@ -56,6 +59,7 @@ def check_settings(cfg: DictConfig) -> None:
     if Path(cfg.output).expanduser().exists():
         raise ConfigError(f"output={cfg.output} exists and is not overwritten: choose another output=<path>.")
     check_int("data_batches", cfg.data_batches, minimum=0)
+    check_int("matmul_size", cfg.matmul_size, minimum=0)
     for name in ("channels_last", "compile"):
         for value in cfg[name]:
             check_bool(f"{name}[]", value)
@@ -124,6 +128,18 @@ def benchmark(cfg: DictConfig) -> dict:
         # Against today's default training step: eager, the configured model.channels_last, same precision.
         eager = best.get(Variant("lightning", row["precision"], cfg.model.channels_last, False))
         row["speedup_vs_eager"] = eager / row["seconds"] if eager and row["loop"] == "lightning" else None
+    arithmetic = None
+    if cfg.matmul_size and training:
+        flops = step_flops(cfg)
+        matmul = {p: matmul_flops_per_s(cfg.matmul_size, p, device) for p in precisions}
+        arithmetic = {
+            "step_gflop": flops / 1e9,
+            "matmul_size": cfg.matmul_size,
+            "matmul_gflop_per_s": {p: rate / 1e9 for p, rate in matmul.items()},
+        }
+        for row in training:
+            row["gflop_per_s"] = flops * cfg.steps / row["seconds"] / 1e9
+            row["share_of_matmul"] = row["gflop_per_s"] * 1e9 / matmul[row["precision"]]
     data = None
     if cfg.data_batches:
         data_s = data_seconds(cfg, datamodule, device)
@@ -166,6 +182,7 @@ def benchmark(cfg: DictConfig) -> dict:
             "inference": InferenceSettings.of(cfg.model.inference, "model.inference").to_json(),
         },
         "training": training,
+        "arithmetic": arithmetic,
         "data": data,
         "inference": inference,
         "backends": backend_seconds(cfg, datamodule) if cfg.backends else [],

@@ -110,6 +110,40 @@ class DataSeconds:
         return self.loader + self.finishing
 
 
+def step_flops(cfg: DictConfig) -> float:
+    """Floating-point operations of one training step's forward and backward passes on one batch of the configured
+    model, loss, patch and batch size: the convolutions and matrix products, as torch.utils.flop_counter counts them
+    (BatchNorm, activations, pooling and the optimizer are not counted). The same at every precision."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(cfg.seed)
+    model = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth)
+    loss_fn = SegmentationLoss(cfg.model.loss, cfg.model.cldice_weight, cfg.model.cldice_iterations)
+    shape = (cfg.data.batch_size, 1, cfg.data.patch_size, cfg.data.patch_size)
+    image = torch.randn(shape[0], cfg.model.in_channels, *shape[2:])
+    label = (torch.rand(shape) > 0.5).float()
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model(image), label).backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_flops_per_s(size: int, precision: str, device: torch.device, repeats: int = 5) -> float:
+    """Floating-point operations per second of one square matrix product of `size` at `precision` (its operands in
+    the autocast type of the mixed precisions): a ceiling that the training step's convolutions, the same kind of
+    arithmetic in the same library, can approach; the best of `repeats` after one untimed."""
+    dtype = AUTOCAST.get(precision, torch.float32)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if repeat:
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
 def data_seconds(cfg: DictConfig, datamodule, device: torch.device) -> DataSeconds:
     """The training data's seconds per batch on `device`, over cfg.data_batches batches after one."""
     batches = _batches(datamodule.train_dataloader(), cfg.data_batches + 1)
@@ -219,7 +253,7 @@ def table(result: dict) -> str:
     lines = (
         [
             "loop       precision    layout          compiled  patches/s   Mpixels/s   vs plain fp32   vs eager"
-            "   first steps s   waiting for data"
+            "   first steps s   waiting for data   GFLOP/s   of matmul"
         ]
         if result["training"]
         else []
@@ -229,10 +263,20 @@ def table(result: dict) -> str:
         first = f"{row['first_steps_s']:.1f}" if row["first_steps_s"] is not None else "-"
         share = f"{row['waiting_share']:.1%}" if row["waiting_share"] is not None else "-"
         layout = "channels_last" if row["channels_last"] else "contiguous"
+        rate = of_matmul = "-"
+        if "gflop_per_s" in row:
+            rate, of_matmul = f"{row['gflop_per_s']:.0f}", f"{row['share_of_matmul']:.0%}"
         lines.append(
             f"{row['loop']:<10} {row['precision']:<12} {layout:<15} {str(row['compile']):<9} "
             f"{row['patches_per_s']:>9.1f}   {row['pixels_per_s'] / 1e6:>9.3f}   {ratios[0]:>13}   {ratios[1]:>8}"
-            f"   {first:>13}   {share:>16}"
+            f"   {first:>13}   {share:>16}   {rate:>7}   {of_matmul:>9}"
+        )
+    if result.get("arithmetic"):
+        arithmetic = result["arithmetic"]
+        rates = ", ".join(f"{p} {rate:.0f}" for p, rate in arithmetic["matmul_gflop_per_s"].items())
+        lines.append(
+            f"a training step: {arithmetic['step_gflop']:.1f} GFLOP (convolutions and matrix products); "
+            f"a {arithmetic['matmul_size']}x{arithmetic['matmul_size']} matrix product: GFLOP/s {rates}"
         )
     if result["data"]:
         data = result["data"]
