@@ -47,6 +47,7 @@ def evaluate(cfg: DictConfig) -> dict:
     threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=("val",))
     hysteresis = check_number("hysteresis", cfg.hysteresis, 0, 1, include_minimum=False, or_one_of=("val", None))
     min_size = check_int("min_size", cfg.min_size, minimum=0, or_one_of=("val", None))
+    bridge = check_number("bridge", cfg.bridge, 0, or_one_of=("val", None))
     check_bool("tta", cfg.tta)
     check_int("plot_images", cfg.plot_images, minimum=0)
     stats.check_resamples("bootstrap", cfg.bootstrap)
@@ -54,14 +55,15 @@ def evaluate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    settings = {"threshold": threshold, "hysteresis": hysteresis, "min_size": min_size}
+    settings = {"threshold": threshold, "hysteresis": hysteresis, "min_size": min_size, "bridge": bridge}
     chosen = [name for name, value in settings.items() if value == "val"]
     if checkpoint.from_state_dict and (chosen or cfg.split == "val"):
         raise ConfigError(
             f"{checkpoint.path} is a plain state_dict, which does not record the images its training held out for "
             "validation: score it on split=test with a fixed threshold (threshold=0.5, the original's)."
         )
-    # Unset options are the checkpoint's own (model.hysteresis, model.min_size); "val" ones are chosen below.
+    # Unset options are the checkpoint's own (model.hysteresis, model.min_size, model.bridge); "val" ones are chosen
+    # below.
     predictor = checkpoint.predictor(
         device,
         OmegaConf.to_container(cfg.inference),
@@ -69,9 +71,12 @@ def evaluate(cfg: DictConfig) -> dict:
         threshold=None if threshold == "val" else threshold,
         hysteresis=None if hysteresis == "val" else hysteresis,
         min_size=None if min_size == "val" else min_size,
+        # A bridge joins components smaller than min_size: checked with min_size once that is chosen.
+        bridge=None if "val" in (bridge, min_size) else bridge,
     )
     hysteresis = predictor.binarisation.hysteresis if hysteresis is None else hysteresis
     min_size = predictor.binarisation.min_size if min_size is None else min_size
+    bridge = predictor.binarisation.bridge if bridge is None else bridge
     own, target = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
     if cfg.split == "val" and target is not own:
         raise ConfigError(
@@ -91,12 +96,13 @@ def evaluate(cfg: DictConfig) -> dict:
     if threshold == "val":
         threshold = best_f1_threshold(val_probs, val_samples)
         log.info("threshold %.4f maximises F1 on the %d validation images", threshold, len(val_samples))
-    if "val" in (hysteresis, min_size):
-        binarisation = best_binarisation(val_probs, val_samples, threshold, hysteresis, min_size)
+    if "val" in (hysteresis, min_size, bridge):
+        binarisation = best_binarisation(val_probs, val_samples, threshold, hysteresis, min_size, bridge)
         log.info(
-            "hysteresis %s and min_size %d maximise F1 on the %d validation images",
+            "hysteresis %s, min_size %d and bridge %g maximise F1 on the %d validation images",
             binarisation.hysteresis,
             binarisation.min_size,
+            binarisation.bridge,
             len(val_samples),
         )
     else:

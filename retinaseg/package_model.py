@@ -1,4 +1,4 @@
-"""`python -m retinaseg.package_model ckpt_path=<file.ckpt> folder=<folder> [min_size=N] [hysteresis=F]`: a trained
+"""`python -m retinaseg.package_model ckpt_path=<file.ckpt> folder=<folder> [min_size=N] [hysteresis=F] [bridge=C]`: a trained
 checkpoint as a packaged model, the form of `retinaseg/pretrained/drive/`: its weights in safetensors
 (model.safetensors), and in model.json its model and data settings (with the binarisation given here, if any) and
 the ranges of brightness, contrast, vessel density and FOV width over its training photographs
@@ -41,8 +41,11 @@ def package_model(cfg: DictConfig) -> list[Path]:
             "checkpoint written by `python -m retinaseg.train`."
         )
     # The binarisation given here, checked as the predictor checks it, becomes the packaged model's own.
-    predictor = checkpoint.predictor(torch.device("cpu"), hysteresis=cfg.hysteresis, min_size=cfg.min_size)
-    binarisation = {"hysteresis": predictor.binarisation.hysteresis, "min_size": predictor.binarisation.min_size}
+    predictor = checkpoint.predictor(
+        torch.device("cpu"), hysteresis=cfg.hysteresis, min_size=cfg.min_size, bridge=cfg.bridge
+    )
+    own = predictor.binarisation
+    binarisation = {"hysteresis": own.hysteresis, "min_size": own.min_size, "bridge": own.bridge}
     checkpoint = dataclasses.replace(checkpoint, hyper_parameters={**checkpoint.hyper_parameters, **binarisation})
     own, _ = data_settings(checkpoint, OmegaConf.to_container(cfg.data, resolve=True))
     data = FundusDataModule(**own)

@@ -41,6 +41,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     threshold = check_number("threshold", cfg.threshold, 0, 1, or_one_of=(None,))
     hysteresis = check_number("hysteresis", cfg.hysteresis, 0, 1, include_minimum=False, or_one_of=(None,))
     min_size = check_int("min_size", cfg.min_size, minimum=0, or_one_of=(None,))
+    bridge = check_number("bridge", cfg.bridge, 0, or_one_of=(None,))
     device = resolve_device(cfg.device)
     source = Path(cfg.input).expanduser() if cfg.input else None
     if source and source.is_dir() and RunDir(source).task() == "predict":
@@ -58,9 +59,10 @@ def predict(cfg: DictConfig) -> list[Path]:
             checkpoint.path.with_name("README.md"),
         )
     scale = None if cfg.scale is None else check_number("scale", cfg.scale, 0, include_minimum=False)
-    # Unset: the checkpoint's own (model.threshold, model.hysteresis, model.min_size, data.scale), as eval's.
+    # Unset: the checkpoint's own (model.threshold, model.hysteresis, model.min_size, model.bridge, data.scale), as
+    # eval's.
     predictor = checkpoint.predictor(
-        device, OmegaConf.to_container(cfg.inference), tta, threshold, hysteresis, min_size, scale
+        device, OmegaConf.to_container(cfg.inference), tta, threshold, hysteresis, min_size, bridge, scale
     )
     fov_path = Path(cfg.fov).expanduser() if cfg.fov else None
     log.info(

@@ -1,5 +1,5 @@
-"""retinaseg.inference.binarise: hysteresis and small-component removal on a hand-made probability map, their choice on
-validation images, and the same masks from eval, predict and training's metrics."""
+"""retinaseg.inference.binarise: hysteresis, bridging and small-component removal on hand-made probability maps, their
+choice on validation images, and the same masks from eval, predict and training's metrics."""
 
 import json
 
@@ -64,9 +64,50 @@ def test_each_option_removes_exactly_what_it_should():
 
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="model.hysteresis"):
-        Binarisation.checked(0.5, 0.0, 0, "model.")
+        Binarisation.checked(0.5, 0.0, 0, prefix="model.")
     with pytest.raises(ConfigError, match="min_size"):
         Binarisation.checked(0.5, None, -1)
+    with pytest.raises(ConfigError, match="model.bridge must be a number >= 0"):
+        Binarisation.checked(0.5, None, 50, -1, prefix="model.")
+    # A bridge joins components smaller than min_size: with none, it would silently do nothing.
+    with pytest.raises(ConfigError, match="model.min_size is 0: set model.min_size too"):
+        Binarisation.checked(0.5, None, 0, 4, prefix="model.")
+
+
+def broken_vessel() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A 30x40 probability map with its parts by name, on a background of 0 (each pixel costs 1 to cross):
+    trunk: a sure vessel (0.9), 15 pixels; gap1: 3 faint pixels (0.3) in line with it; first: a sure fragment of 6
+    pixels beyond them; gap2: 3 more faint pixels; second: a sure fragment of 6 beyond those; speck: a sure 2x2 blob
+    far from everything."""
+    prob = np.zeros((30, 40), np.float32)
+    spans = {"trunk": (2, 17), "gap1": (17, 20), "first": (20, 26), "gap2": (26, 29), "second": (29, 35)}
+    parts = {name: np.zeros((30, 40), bool) for name in (*spans, "speck")}
+    for name, (start, stop) in spans.items():
+        parts[name][10, start:stop] = True
+    parts["speck"][25:27, 25:27] = True
+    for name in parts:
+        prob[parts[name]] = 0.3 if name.startswith("gap") else 0.9
+    return prob, np.ones((30, 40), bool), parts
+
+
+def test_bridge_joins_a_broken_vessel_along_its_faint_pixels_and_drops_a_speck():
+    prob, fov, parts = broken_vessel()
+    # min_size 10: the fragments (6) and the speck (4) are small; without a bridge they go.
+    assert np.array_equal(binarise(prob, fov, Binarisation(0.5, None, 10)), parts["trunk"])
+    # The path from the trunk to the first fragment: half of 0.7 out of the trunk (which costs nothing), 0.7 twice,
+    # half of 0.7 + 0.1 into the fragment: 2.15. A bridge of 2 is short of it.
+    assert np.array_equal(binarise(prob, fov, Binarisation(0.5, None, 10, 2.0)), parts["trunk"])
+    # 2.2 joins the first fragment along exactly the faint pixels, then, in a second round, the second fragment
+    # from the first (now part of the tree); the speck, 14 background pixels from anything, is still dropped.
+    joined = union(parts, "trunk", "gap1", "first", "gap2", "second")
+    assert np.array_equal(binarise(prob, fov, Binarisation(0.5, None, 10, 2.2)), joined)
+    # Without min_size dropping them, the speck and the fragments stay as components of their own.
+    assert np.array_equal(binarise(prob, fov, Binarisation(0.5)), union(parts, "trunk", "first", "second", "speck"))
+    # val: the smallest bridge of the candidates that joins both fragments (4), the same twice.
+    sample = Sample("a", np.zeros((30, 40, 3), np.uint8), joined.astype(np.uint8), fov)
+    first = best_binarisation({"a": prob}, [sample], 0.5, None, 10, "val")
+    assert first == best_binarisation({"a": prob}, [sample], 0.5, None, 10, "val") == Binarisation(0.5, None, 10, 4)
+    assert first.words() == "probability > 0.5, gaps bridged up to cost 4, components of >= 10 px"
 
 
 def test_val_chooses_on_the_validation_images_and_the_same_twice():
@@ -107,10 +148,11 @@ def test_predict_and_eval_write_the_same_masks(drive_root, tmp_path):
     root = link_drive(drive_root, tmp_path / "DRIVE", "training", range(21, 41))
     link_drive(drive_root, root, "test", [1])
     overrides = ["ckpt_path=pretrained:drive", f"data.root={root}", "bootstrap=0", "plot_images=0"]
-    metrics = evaluate(compose_config("eval", [*overrides, "hysteresis=val", "min_size=val"], tmp_path / "eval"))
+    options = ["hysteresis=val", "min_size=val", "bridge=2"]
+    metrics = evaluate(compose_config("eval", [*overrides, *options], tmp_path / "eval"))
     chosen = metrics["binarisation"]
-    assert chosen["chosen_on_validation_images"] == ["hysteresis", "min_size"]
-    settings = [f"hysteresis={chosen['hysteresis']}", f"min_size={chosen['min_size']}"]
+    assert chosen["chosen_on_validation_images"] == ["hysteresis", "min_size"] and chosen["bridge"] == 2
+    settings = [f"hysteresis={chosen['hysteresis']}", f"min_size={chosen['min_size']}", "bridge=2"]
     predict(
         compose_config(
             "predict",

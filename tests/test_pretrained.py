@@ -176,10 +176,16 @@ def test_a_packaged_checkpoint_predicts_as_the_checkpoint(packaged_tiny, tmp_pat
 def test_a_packaged_model_keeps_the_binarisation_it_is_given(tmp_path, monkeypatch):
     ckpt = write_checkpoint(tmp_path / "tiny.ckpt", compose_config("train", TINY_SYNTHETIC, tmp_path))
     monkeypatch.setattr(checkpoints, "PRETRAINED_DIR", tmp_path / "pretrained")
-    overrides = [f"ckpt_path={ckpt}", f"folder={tmp_path / 'pretrained' / 'tiny'}", "min_size=50", "hysteresis=0.7"]
+    overrides = [
+        f"ckpt_path={ckpt}",
+        f"folder={tmp_path / 'pretrained' / 'tiny'}",
+        "min_size=50",
+        "hysteresis=0.7",
+        "bridge=2",
+    ]
     package_model(compose_config("package_model", overrides, tmp_path))
     packaged = load_checkpoint("pretrained:tiny").predictor(torch.device("cpu"))
-    assert packaged.binarisation == Binarisation(0.5, 0.7, 50)
+    assert packaged.binarisation == Binarisation(0.5, 0.7, 50, 2.0)
     # Unset, the checkpoint's own (none) is kept.
     assert load_checkpoint(ckpt).predictor(torch.device("cpu")).binarisation.plain
     unset = [f"ckpt_path={ckpt}", f"folder={tmp_path / 'pretrained' / 'unset'}"]

@@ -64,6 +64,8 @@ def describe_binarisation(settings: EvaluationSettings) -> str:
     parts = []
     if options.get("hysteresis") is not None:
         parts.append(f"hysteresis {options['hysteresis']:g} (low threshold {options['low_threshold']:.4g})")
+    if options.get("bridge"):
+        parts.append(f"bridge {options['bridge']:g}")
     if options.get("min_size"):
         parts.append(f"min_size {options['min_size']}")
     chosen = options.get("chosen_on_validation_images")

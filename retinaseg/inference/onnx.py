@@ -75,8 +75,9 @@ def description(predictor: Predictor, hparams: dict, source: Path, model_file: P
         # A vessel pixel is a probability above `threshold`, i.e. a logit above its logit.
         "logit_threshold": math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else None,
         # Then, on each whole image inside its FOV (retinaseg.inference.binarise): pixels above low_threshold connected
-        # (8-connected) to pixels above `threshold` are vessel too (null: off), and 8-connected vessel components
-        # of fewer than min_size pixels are dropped (0: none).
+        # (8-connected) to pixels above `threshold` are vessel too (null: off); 8-connected vessel components of
+        # fewer than min_size pixels are joined to the larger ones along the cheapest path costing at most `bridge`
+        # (a pixel costs 1 - its probability; 0: none joined), and those still smaller are dropped (0: none).
         "binarisation": binarisation.to_json(),
         "network": {key: hparams[key] for key in ("in_channels", "base_channels", "depth") if key in hparams},
         "checkpoint": str(source.resolve()),

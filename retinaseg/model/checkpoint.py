@@ -107,11 +107,12 @@ class Checkpoint:
         threshold: float | None = None,
         hysteresis: float | None = None,
         min_size: int | None = None,
+        bridge: float | None = None,
         scale: float | None = None,
     ) -> Predictor:
         """The model ready to predict on `device`, as eval and predict run it. Each setting that is None is the
         checkpoint's own: `inference` holds the inference group's settings (mode, window, overlap, batch_size,
-        weighting, backend, precision), `threshold`, `hysteresis` and `min_size` the binarisation's (checked here),
+        weighting, backend, precision), `threshold`, `hysteresis`, `min_size` and `bridge` the binarisation's (checked here),
         `scale` the photographs' resize factor (checked by the caller, who names it)."""
         settings = dict(inference or {})
         backend, precision = settings.pop("backend", None) or "torch", settings.pop("precision", None) or "fp32"
@@ -121,6 +122,7 @@ class Checkpoint:
             own.threshold if threshold is None else threshold,
             own.hysteresis if hysteresis is None else hysteresis,
             own.min_size if min_size is None else min_size,
+            own.bridge if bridge is None else bridge,
         )
         preprocessing = self.preprocessing()
         return Predictor(

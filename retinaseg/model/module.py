@@ -44,6 +44,7 @@ class VesselSegmentationModule(L.LightningModule):
         threshold: float = 0.5,
         hysteresis: float | None = None,
         min_size: int = 0,
+        bridge: float = 0.0,
         inference: dict | None = None,
         channels_last: bool = True,
         compile: bool | str = False,
@@ -59,7 +60,7 @@ class VesselSegmentationModule(L.LightningModule):
         check_number("model.weight_decay", weight_decay, 0)
         check_choice("model.scheduler", scheduler, SCHEDULERS)
         # How validation, test, eval and predict turn probabilities into vessel masks (retinaseg.inference.binarise).
-        self.binarisation = Binarisation.checked(threshold, hysteresis, min_size, "model.")
+        self.binarisation = Binarisation.checked(threshold, hysteresis, min_size, bridge, "model.")
         self.inference = InferenceSettings.of(inference or {}, "model.inference")
         check_bool("model.channels_last", channels_last)
         check_choice("model.compile", compile, COMPILE)
