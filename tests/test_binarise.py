@@ -148,11 +148,12 @@ def test_predict_and_eval_write_the_same_masks(drive_root, tmp_path):
     root = link_drive(drive_root, tmp_path / "DRIVE", "training", range(21, 41))
     link_drive(drive_root, root, "test", [1])
     overrides = ["ckpt_path=pretrained:drive", f"data.root={root}", "bootstrap=0", "plot_images=0"]
-    options = ["hysteresis=val", "min_size=val", "bridge=2"]
+    # min_size and bridge given, hysteresis chosen: 9 candidates, each bridged on the 4 validation images.
+    options = ["hysteresis=val", "min_size=50", "bridge=2"]
     metrics = evaluate(compose_config("eval", [*overrides, *options], tmp_path / "eval"))
     chosen = metrics["binarisation"]
-    assert chosen["chosen_on_validation_images"] == ["hysteresis", "min_size"] and chosen["bridge"] == 2
-    settings = [f"hysteresis={chosen['hysteresis']}", f"min_size={chosen['min_size']}", "bridge=2"]
+    assert chosen["chosen_on_validation_images"] == ["hysteresis"] and (chosen["min_size"], chosen["bridge"]) == (50, 2)
+    settings = [f"hysteresis={chosen['hysteresis']}", *options[1:]]
     predict(
         compose_config(
             "predict",
@@ -176,7 +177,7 @@ def test_predict_and_eval_write_the_same_masks(drive_root, tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["binarisation"] == chosen
     # retinaseg.compare says how two evaluations binarised.
     assert describe_binarisation(EvaluationSettings.from_json(metrics)).endswith(
-        "; hysteresis and min_size chosen by validation F1"
+        "bridge 2, min_size 50; hysteresis chosen by validation F1"
     )
     assert describe_binarisation(EvaluationSettings(0.5, "fixed")) == "off"
 
