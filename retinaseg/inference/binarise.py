@@ -112,7 +112,7 @@ def join_small_components(mask: np.ndarray, prob: np.ndarray, fov: np.ndarray, s
     its cheapest path inside `fov`, where that path costs at most `settings.bridge`: a pixel costs 1 - its
     probability and the tree's pixels nothing, summed along the path as MCP_Geometric does (a diagonal step
     weighs sqrt 2). Rounds repeat until one joins nothing, so a chain of fragments joins piece by piece."""
-    from scipy.ndimage import maximum_filter
+    from scipy.ndimage import maximum_filter, minimum_position
     from skimage.graph import MCP_Geometric
     from skimage.measure import label as label_components
 
@@ -139,11 +139,10 @@ def join_small_components(mask: np.ndarray, prob: np.ndarray, fov: np.ndarray, s
         search = MCP_Geometric(costs)
         cumulative, _ = search.find_costs(np.column_stack(np.unravel_index(starts, mask.shape)))
         joined = False
-        for component in np.unique(flat[small.ravel()]):
-            pixels = np.flatnonzero(flat == component)
-            cheapest = pixels[np.argmin(cumulative.ravel()[pixels])]
-            if cumulative.ravel()[cheapest] <= settings.bridge:
-                path = np.array(search.traceback(np.unravel_index(cheapest, mask.shape)))
+        # Each small component's cheapest pixel: where its path to the tree starts.
+        for cheapest in minimum_position(cumulative, components, np.unique(components[small])):
+            if cumulative[cheapest] <= settings.bridge:
+                path = np.array(search.traceback(cheapest))
                 mask[path[:, 0], path[:, 1]] = True
                 joined = True
         if not joined:

@@ -45,12 +45,18 @@ def _batches(loader, count: int):
         epoch += 1
 
 
+def plain_model(cfg: DictConfig) -> tuple[UNet, SegmentationLoss]:
+    """The configured network, seeded, and its loss, without Lightning (model.* as the LightningModule reads it)."""
+    torch.manual_seed(cfg.seed)
+    network = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth)
+    return network, SegmentationLoss(cfg.model.loss, cfg.model.cldice_weight, cfg.model.cldice_iterations)
+
+
 def plain_loop(cfg: DictConfig, loader, precision: str, device: torch.device) -> float:
     """Seconds for cfg.steps timed steps of a notebook-style loop: model, Adam, loss, backward, step."""
-    torch.manual_seed(cfg.seed)
-    model = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth).to(device)
+    model, loss_fn = plain_model(cfg)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.lr)
-    loss_fn = SegmentationLoss(cfg.model.loss, cfg.model.cldice_weight, cfg.model.cldice_iterations)
     model.train()
     for step, batch in enumerate(_batches(loader, cfg.warmup_steps + cfg.steps)):
         if step == cfg.warmup_steps:
@@ -116,12 +122,10 @@ def step_flops(cfg: DictConfig) -> float:
     (BatchNorm, activations, pooling and the optimizer are not counted). The same at every precision."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(cfg.seed)
-    model = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth)
-    loss_fn = SegmentationLoss(cfg.model.loss, cfg.model.cldice_weight, cfg.model.cldice_iterations)
-    shape = (cfg.data.batch_size, 1, cfg.data.patch_size, cfg.data.patch_size)
-    image = torch.randn(shape[0], cfg.model.in_channels, *shape[2:])
-    label = (torch.rand(shape) > 0.5).float()
+    model, loss_fn = plain_model(cfg)
+    n, size = cfg.data.batch_size, cfg.data.patch_size
+    image = torch.randn(n, cfg.model.in_channels, size, size)
+    label = (torch.rand(n, 1, size, size) > 0.5).float()
     with FlopCounterMode(display=False) as counter:
         loss_fn(model(image), label).backward()
     return float(counter.get_total_flops())
@@ -205,8 +209,7 @@ def backend_seconds(cfg: DictConfig, datamodule) -> list[dict]:
     weights: each variant runs once untimed, then the variants take turns for `cfg.rounds` rounds over
     `cfg.inference_images` images, and each one's fastest round counts."""
     images = [batch["image"] for _, batch in zip(range(cfg.inference_images), datamodule.test_dataloader())]
-    torch.manual_seed(cfg.seed)
-    contiguous = UNet(cfg.model.in_channels, 1, cfg.model.base_channels, cfg.model.depth).eval()
+    contiguous = plain_model(cfg)[0].eval()
     nets = {False: contiguous, True: copy.deepcopy(contiguous).to(memory_format=torch.channels_last)}
     # Whole images, one at a time, as the rows say.
     inference = InferenceSettings(mode="whole", batch_size=1)
